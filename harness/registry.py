@@ -1,0 +1,81 @@
+"""A small typed registry: registration by decorator, lazy `module:attr` targets, entry points, listing by
+pattern, "did you mean" on unknown names, and loud failure on duplicates (lm-eval's and timm's idea)."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+T = TypeVar("T", bound=Callable)
+
+__all__ = ["Registry", "VARIANTS", "register_variant"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, entry_point_group: str | None = None):
+        self.kind, self.group = kind, entry_point_group
+        self._items: dict[str, T | str] = {}
+        self._entry_points_read = False
+
+    def register(self, fn: T) -> T:
+        """Decorator: registers `fn` under its own name."""
+        self.add(fn.__name__, fn)
+        return fn
+
+    def add(self, name: str, target: T | str) -> None:
+        """Registers a callable, or a lazy "module:attr" string imported on first use."""
+        if not _NAME.match(name):
+            raise ValueError(f"bad {self.kind} name {name!r}: use lower-case letters, digits and _")
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered (by {self.origin(name)})")
+        self._items[name] = target
+
+    def _read_entry_points(self) -> None:
+        if self._entry_points_read or self.group is None:
+            return
+        self._entry_points_read = True
+        for ep in entry_points(group=self.group):
+            if ep.name not in self._items:
+                self.add(ep.name, ep.value)
+
+    def get(self, name: str) -> T:
+        self._read_entry_points()
+        if name not in self._items:
+            close = difflib.get_close_matches(name, self._items, n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise KeyError(f"Unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.list())}")
+        target = self._items[name]
+        if isinstance(target, str):
+            module, attr = target.split(":")
+            target = self._items[name] = getattr(importlib.import_module(module), attr)
+        return target
+
+    def list(self, pattern: str = "*") -> list[str]:
+        self._read_entry_points()
+        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+
+    def origin(self, name: str) -> str:
+        """Where an entry is defined, as 'path:line' (or the lazy target)."""
+        target = self._items[name]
+        if isinstance(target, str):
+            return target
+        try:
+            return f"{inspect.getsourcefile(target)}:{inspect.getsourcelines(target)[1]}"
+        except (TypeError, OSError):
+            return repr(target)
+
+    def __contains__(self, name: str) -> bool:
+        self._read_entry_points()
+        return name in self._items
+
+
+VARIANTS: Registry = Registry("variant", "varbench.variants")
+register_variant = VARIANTS.register

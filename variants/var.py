@@ -1,0 +1,303 @@
+"""VAR (Tian et al. 2024, arXiv:2404.02905) as a variant of the one scale loop, with the fast engine.
+
+The engine is the baseline every speedup is measured against, so it is the fastest honest implementation:
+a static preallocated KV cache written in place, SDPA, weights held in the compute precision (no autocast
+re-casting them at every call), AdaLN computed once per call instead of once per scale, no host syncs in the
+step, optional torch.compile and CUDA-graph capture of the per-scale step, and a channels-last low-precision
+VAE decode. `EngineConfig.reference()` switches every feature off, which gives the official code's algorithm
+and numerics (concatenated cache, fp32 weights under autocast): the yardstick the engine is checked against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from varbench.harness.kv_cache import ConcatKVCache, StaticKVCache
+from varbench.harness.loop import Step, StepOutput
+from varbench.harness.registry import register_variant
+from varbench.harness.sampling import Draw
+
+from .loading import load_var_net, load_vqvae, random_var_net, random_vqvae
+from .var_model import PATCH_NUMS, Modulation, VARConfig, VARNet
+from .vqvae import VQVAE, VQVAEConfig
+
+__all__ = ["EngineConfig", "VAR", "VARState", "build_var", "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    precision: str = "fp32"  # compute precision of linears, attention and the VAE decoder: fp32, bf16, fp16
+    static_kv_cache: bool = True  # preallocated cache written in place (else torch.cat per scale)
+    weights_in_precision: bool = True  # hold weights in `precision` (else fp32 weights under autocast)
+    cache_conditioning: bool = True  # AdaLN outputs once per call (else once per scale, as the official code)
+    compile: bool = False  # torch.compile the per-scale network step
+    cuda_graphs: bool = False  # capture the per-scale step as CUDA graphs (CUDA only)
+    channels_last_vae: bool = True  # NHWC VAE decode
+
+    def __post_init__(self) -> None:
+        if self.precision not in DTYPES:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(DTYPES)}")
+
+    @classmethod
+    def reference(cls, precision: str = "fp32") -> EngineConfig:
+        """The same loop with every engine feature off: the official code's algorithm and numerics."""
+        return cls(precision, static_kv_cache=False, weights_in_precision=False, cache_conditioning=False,
+                   compile=False, cuda_graphs=False, channels_last_vae=False)
+
+
+@dataclass
+class VARState:
+    labels: Tensor  # (B,)
+    cond: Tensor  # (2B, C) class embeddings, conditional rows first, then the null class
+    x: Tensor  # (2B, l, C) input of the next step
+    f_hat: Tensor  # (B, Cvae, H, W) fp32 accumulated latent
+    cache: StaticKVCache | ConcatKVCache
+    lvl_pos: Tensor  # (1, L, C)
+    mods: list[Modulation] | None = None  # cached AdaLN outputs (engine)
+    head_mod: tuple[Tensor, Tensor] | None = None
+    tokens: list[Tensor] = field(default_factory=list)
+
+
+class VAR:
+    """A VAR transformer + VQVAE behind the loop's hooks. Subclasses (CoDe, KV policies) override hooks."""
+
+    def __init__(self, net: VARNet, vae: VQVAE, engine: EngineConfig = EngineConfig(),
+                 device: str | torch.device = "cpu", name: str = "var"):
+        self.name, self.engine, self.device = name, engine, torch.device(device)
+        if engine.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self.dtype = DTYPES[engine.precision]
+        self.net, self.vae = net.to(self.device).eval(), vae.to(self.device).eval()
+        self.cfg: VARConfig = net.cfg
+        self.patch_nums: tuple[int, ...] = self.cfg.patch_nums
+        self.num_classes = self.cfg.num_classes
+        if engine.weights_in_precision and self.dtype != torch.float32:
+            _hold_in(self.net, self.dtype)
+            # The quantizer (codebook, φ) stays fp32: f_hat accumulates in fp32 as in the official code.
+            self.vae.decoder.to(self.dtype)
+            self.vae.post_quant_conv.to(self.dtype)
+        if engine.channels_last_vae:
+            self.vae.decoder.to(memory_format=torch.channels_last)
+        self._static_cache: StaticKVCache | None = None
+        self._lvl_pos: Tensor | None = None
+        self._step_fn = torch.compile(self._network_step, dynamic=False) if engine.compile else self._network_step
+        self._graphs: _ScaleGraphs | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def steps(self) -> Sequence[Step]:
+        last = len(self.patch_nums) - 1
+        return [Step(si, 0, si / last) for si in range(len(self.patch_nums))]
+
+    def start(self, labels: Tensor) -> VARState:
+        with self._autocast():
+            cond = self.net.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes))))
+            lvl_pos = self._level_pos()
+            state = VARState(labels, cond, self.net.first_input(cond, lvl_pos),
+                             torch.zeros(len(labels), self.cfg.z_channels, self.patch_nums[-1], self.patch_nums[-1],
+                                         device=self.device), self._cache(2 * len(labels)), lvl_pos)
+            if self.engine.cache_conditioning:
+                state.mods, state.head_mod = self.net.modulations(cond), self.net.head_modulation(cond)
+        if self.engine.cuda_graphs:
+            self._graphs = _ScaleGraphs.ready(self._graphs, self, state)
+        return state
+
+    def forward(self, state: VARState, step: Step) -> StepOutput:
+        with self._autocast():
+            mods = state.mods if state.mods is not None else self.net.modulations(state.cond)
+            head = state.head_mod if state.head_mod is not None else self.net.head_modulation(state.cond)
+            if self._graphs is not None:
+                return StepOutput(self._graphs.replay(step.si, state))
+            return StepOutput(self._step_fn(state.x, mods, head, state.cache))
+
+    def commit(self, state: VARState, step: Step, draw: Draw) -> None:
+        si, pn = step.si, self.patch_nums[step.si]
+        codebook = self.vae.quantize.embedding.weight
+        with self._autocast():
+            h = draw.soft @ codebook.unsqueeze(0) if draw.soft is not None else F.embedding(draw.tokens, codebook)
+            h = h.transpose(1, 2).reshape(len(draw.tokens), -1, pn, pn)  # (B, Cvae, pn, pn)
+            nxt = self.vae.next_input(si, self.patch_nums, state.f_hat, h)
+            state.tokens.append(draw.tokens)
+            if si < len(self.patch_nums) - 1:
+                state.x = self.net.embed_input(nxt, si + 1, state.lvl_pos).repeat(2, 1, 1)
+
+    def tokens(self, state: VARState) -> list[Tensor]:
+        return state.tokens
+
+    def decode(self, state: VARState) -> Tensor:
+        """(B, 3, H, W) float32 image in [0, 1]."""
+        f = state.f_hat.to(self.vae.post_quant_conv.weight.dtype)
+        if self.engine.channels_last_vae:
+            f = f.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            img = self.vae.decode(f)
+        return img.float().add_(1).mul_(0.5).contiguous()
+
+    # -- engine ----------------------------------------------------------------------------------
+    def _network_step(self, x: Tensor, mods: list[Modulation], head: tuple[Tensor, Tensor], cache) -> Tensor:
+        """One scale through every block (KV-cached) and the head: (2B, l, C) -> (2B, l, V) fp32 logits."""
+        return self.net.logits(self.net.run_blocks(x, mods, cache), head)
+
+    def _cache(self, batch2: int) -> StaticKVCache | ConcatKVCache:
+        if not self.engine.static_kv_cache:
+            return ConcatKVCache(self.cfg.depth)
+        c = self._static_cache
+        if c is None or c.k.shape[1] != batch2:
+            self._static_cache = c = None  # free the old buffer before allocating the new one
+            c = StaticKVCache(self.cfg.depth, batch2, self.cfg.heads, self.cfg.seq_len,
+                              self.cfg.width // self.cfg.heads, self.dtype, self.device)
+            self._static_cache, self._graphs = c, None
+        c.reset()
+        return c
+
+    def _level_pos(self) -> Tensor:
+        if not self.engine.cache_conditioning:
+            return self.net.level_pos()
+        if self._lvl_pos is None:
+            self._lvl_pos = self.net.level_pos()
+        return self._lvl_pos
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32 or self.engine.weights_in_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def kv_bytes(self, state: VARState) -> int:
+        """Bytes of keys and values the cache holds now."""
+        return state.cache.nbytes()
+
+    def release(self) -> None:
+        """Frees the KV cache and captured graphs (e.g. between benchmark cells)."""
+        self._static_cache, self._graphs = None, None
+
+
+def _hold_in(net: VARNet, dtype: torch.dtype) -> None:
+    """Casts the weights every linear layer reads to `dtype`; embeddings, positions, per-head scales and the
+    shared AdaLN gains stay fp32 because they add into the fp32 residual stream."""
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            module.to(dtype)
+    for block in net.blocks:
+        attn = block.attn
+        attn.q_bias.data, attn.v_bias.data = attn.q_bias.data.to(dtype), attn.v_bias.data.to(dtype)
+        attn.zero_k_bias = attn.zero_k_bias.to(dtype)
+
+
+class _ScaleGraphs:
+    """One CUDA graph per scale over static inputs: the step's kernels launch as one replay (the official
+    code at batch 1 is launch-bound by about 6×, docs/PERF_NOTES.md)."""
+
+    def __init__(self, variant: VAR, state: VARState):
+        b2, c = state.cond.shape
+        dev = variant.device
+        self.batch2 = b2
+        self.inputs = [torch.zeros(b2, pn * pn, c, device=dev) for pn in variant.patch_nums]
+        self.mods = [tuple(t.clone() for t in m) for m in state.mods]
+        self.head = tuple(t.clone() for t in state.head_mod)
+        self.ends = torch.tensor([pn * pn for pn in variant.patch_nums]).cumsum(0).tolist()
+        cache = state.cache
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS workspaces, compiled kernels)
+            cache.reset()
+            for x in self.inputs:
+                variant._step_fn(x, self.mods, self.head, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graphs, self.outputs, pool = [], [], None
+        cache.reset()
+        for x in self.inputs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs.append(variant._step_fn(x, self.mods, self.head, cache))
+            pool = graph.pool()
+            self.graphs.append(graph)
+        cache.reset()
+
+    @classmethod
+    def ready(cls, graphs: _ScaleGraphs | None, variant: VAR, state: VARState) -> _ScaleGraphs:
+        if state.mods is None:
+            raise ValueError("cuda_graphs needs cache_conditioning")
+        if graphs is None or graphs.batch2 != state.cond.shape[0]:
+            graphs = cls(variant, state)
+        for static, fresh in zip(graphs.mods + [graphs.head], state.mods + [state.head_mod]):
+            for s, f in zip(static, fresh):
+                s.copy_(f)
+        return graphs
+
+    def replay(self, si: int, state: VARState) -> Tensor:
+        self.inputs[si].copy_(state.x)
+        self.graphs[si].replay()
+        state.cache.length = self.ends[si]  # the graph wrote the slots; keep the Python-side count true
+        return self.outputs[si]
+
+
+def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
+              engine: EngineConfig = EngineConfig(), device: str = "cpu", seed: int = 0,
+              patch_nums: Sequence[int] | None = None, shared_aln: bool = False, vae_ch: int = 160,
+              allow_download: bool | None = None, name: str | None = None) -> VAR:
+    """A VAR variant of the given depth.
+
+    Args:
+        weights: checkpoint source (path, hf:OWNER/REPO/FILE); None = the official file for this depth;
+            "random" = random weights (speed benchmarks, tests).
+        vae: VQVAE source; None = the official vae_ch160v4096z32 (random with random weights).
+        patch_nums: scale schedule (default: the 256 px one, or read from the checkpoint).
+        shared_aln, vae_ch: architecture of random models.
+    """
+    if weights == "random":
+        cfg = VARConfig(depth=depth, shared_aln=shared_aln, patch_nums=tuple(patch_nums or PATCH_NUMS[680]))
+        net = random_var_net(cfg, seed)
+    else:
+        net = load_var_net(weights or f"var_d{depth}", depth, patch_nums, allow_download)
+    if vae == "random" or (vae is None and weights == "random"):
+        vae_model = random_vqvae(VQVAEConfig(ch=vae_ch), seed)
+    else:
+        vae_model = load_vqvae(vae or "vae", allow_download)
+    return VAR(net, vae_model, engine, device, name or f"var_d{depth}")
+
+
+@register_variant
+def var_d16(**kwargs) -> VAR:
+    """VAR-d16, 310M, ImageNet 256 px (README FID 3.55). Weights: FoundationVision/var var_d16.pth."""
+    return build_var(16, **kwargs)
+
+
+@register_variant
+def var_d20(**kwargs) -> VAR:
+    """VAR-d20, 600M, ImageNet 256 px (README FID 2.95). Weights: FoundationVision/var var_d20.pth."""
+    return build_var(20, **kwargs)
+
+
+@register_variant
+def var_d24(**kwargs) -> VAR:
+    """VAR-d24, 1.0B, ImageNet 256 px (README FID 2.33). Weights: FoundationVision/var var_d24.pth."""
+    return build_var(24, **kwargs)
+
+
+@register_variant
+def var_d30(**kwargs) -> VAR:
+    """VAR-d30, 2.0B, ImageNet 256 px (README FID 1.97). Weights: FoundationVision/var var_d30.pth."""
+    return build_var(30, **kwargs)
+
+
+@register_variant
+def var_d36(**kwargs) -> VAR:
+    """VAR-d36-s, 2.3B, ImageNet 512 px, shared AdaLN (README FID 2.63). Weights: FoundationVision/var var_d36.pth."""
+    kwargs.setdefault("patch_nums", PATCH_NUMS[2240])
+    kwargs.setdefault("shared_aln", True)
+    return build_var(36, **kwargs)
+
+
+@register_variant
+def test_var(**kwargs) -> VAR:
+    """Tiny random VAR (depth 2, width 128, VQVAE ch 32) for tests and CPU smoke runs; < 1 s per batch."""
+    kwargs.setdefault("weights", "random")
+    kwargs.setdefault("vae_ch", 32)
+    return build_var(2, **kwargs)
