@@ -78,7 +78,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file not found: {path}") from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as err:
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                               f"{first_line}") from err

@@ -59,6 +59,7 @@ class Generation(NamedTuple):
     images: Tensor  # (B, 3, H, W) float in [0, 1]
     tokens: list[Tensor]  # one (B, pn²) int64 map per scale
     labels: Tensor  # (B,)
+    state: object  # the variant's final state (caches, per-scale statistics)
 
 
 def resolve_labels(labels: Tensor | int | None, batch: int, num_classes: int, device: torch.device,
@@ -88,10 +89,14 @@ class _Streams(dict):
         return gen
 
 
+def _no_timer(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
 @torch.inference_mode()
 def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: SampleConfig,
              g_seed: int | None = 0, batch: int | None = None,
-             timer: Callable[[Step], ContextManager] | None = None) -> Generation:
+             timer: Callable[[str], ContextManager] | None = None) -> Generation:
     """Generates a batch of images.
 
     Args:
@@ -100,7 +105,8 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
         sampling: guidance and sampler settings (per scale where given as tuples).
         g_seed: seed of every random stream; None uses the global RNG.
         batch: batch size when labels is None or an int.
-        timer: optional context-manager factory wrapped around each step (per-scale latency).
+        timer: optional context-manager factory, called with "scale{si}" around each step and with
+            "decode" around the VAE decode (e.g. `RegionTimer.region`).
     """
     steps = variant.steps()
     sampling.validate(len(variant.patch_nums))
@@ -110,8 +116,9 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
     labels = resolve_labels(labels, batch or 0, num_classes, variant.device, streams[first_stream])
     state = variant.start(labels)
     last = len(variant.patch_nums) - 1
+    timer = timer or _no_timer
     for step in steps:
-        with timer(step) if timer else contextlib.nullcontext():
+        with timer(f"scale{step.si}"):
             out = variant.forward(state, step)
             gen = streams[step.stream]
             for si, thrown_away in out.discard:
@@ -119,5 +126,6 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
             logits = guide(out.logits, sampling.cfg * step.cfg_ratio) if out.guided else out.logits
             draw = draw_tokens(logits, sampling.at(step.si), gen, step.si / last)
             variant.commit(state, step, draw)
-    images = variant.decode(state)
-    return Generation(images, variant.tokens(state), labels)
+    with timer("decode"):
+        images = variant.decode(state)
+    return Generation(images, variant.tokens(state), labels, state)

@@ -63,13 +63,13 @@ class Registry(Generic[T]):
         return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
 
     def origin(self, name: str) -> str:
-        """Where an entry is defined, as 'path:line' (or the lazy target)."""
+        """Where an entry is defined, as 'module:line' (or the lazy target)."""
         target = self._items[name]
         if isinstance(target, str):
             return target
         try:
-            return f"{inspect.getsourcefile(target)}:{inspect.getsourcelines(target)[1]}"
-        except (TypeError, OSError):
+            return f"{target.__module__}:{inspect.getsourcelines(target)[1]}"
+        except (TypeError, OSError, AttributeError):
             return repr(target)
 
     def __contains__(self, name: str) -> bool:

@@ -6,4 +6,18 @@ Importing this package registers the built-in variants in `varbench.harness.VARI
 from . import var  # noqa: F401  (registers var_d16 … var_d36, test_var)
 from .var import VAR, EngineConfig, build_var
 
-__all__ = ["VAR", "EngineConfig", "build_var"]
+__all__ = ["VAR", "EngineConfig", "build_var", "describe"]
+
+
+def describe(name: str) -> dict:
+    """One row of `varbench list`: name, family, parameter count (meta device), where it is defined."""
+    from varbench.harness.registry import VARIANTS
+
+    from .var import param_count
+
+    factory = VARIANTS.get(name)
+    cfg = getattr(factory, "config", None)
+    family = name.removeprefix("test_").split("_")[0]
+    doc = (factory.__doc__ or "").strip().splitlines()
+    return {"name": name, "family": family, "params": f"{param_count(cfg):,}" if cfg else "?",
+            "description": doc[0] if doc else "", "defined in": VARIANTS.origin(name)}

@@ -27,7 +27,7 @@ from .loading import load_var_net, load_vqvae, random_var_net, random_vqvae
 from .var_model import PATCH_NUMS, Modulation, VARConfig, VARNet
 from .vqvae import VQVAE, VQVAEConfig
 
-__all__ = ["EngineConfig", "VAR", "VARState", "build_var", "DTYPES"]
+__all__ = ["EngineConfig", "VAR", "VARState", "build_var", "param_count", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +64,7 @@ class VARState:
     mods: list[Modulation] | None = None  # cached AdaLN outputs (engine)
     head_mod: tuple[Tensor, Tensor] | None = None
     tokens: list[Tensor] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)  # bytes the cache holds after each scale
 
 
 class VAR:
@@ -125,6 +126,7 @@ class VAR:
             h = h.transpose(1, 2).reshape(len(draw.tokens), -1, pn, pn)  # (B, Cvae, pn, pn)
             nxt = self.vae.next_input(si, self.patch_nums, state.f_hat, h)
             state.tokens.append(draw.tokens)
+            state.kv_bytes.append(state.cache.nbytes())
             if si < len(self.patch_nums) - 1:
                 state.x = self.net.embed_input(nxt, si + 1, state.lvl_pos).repeat(2, 1, 1)
 
@@ -168,10 +170,6 @@ class VAR:
         if self.dtype == torch.float32 or self.engine.weights_in_precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def kv_bytes(self, state: VARState) -> int:
-        """Bytes of keys and values the cache holds now."""
-        return state.cache.nbytes()
 
     def release(self) -> None:
         """Frees the KV cache and captured graphs (e.g. between benchmark cells)."""
@@ -263,31 +261,50 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
     return VAR(net, vae_model, engine, device, name or f"var_d{depth}")
 
 
+def _arch(cfg: VARConfig):
+    """Attaches the architecture to a factory so that listing can count parameters on the meta device."""
+    def attach(fn):
+        fn.config = cfg
+        return fn
+    return attach
+
+
+def param_count(cfg: VARConfig) -> int:
+    """Exact parameter count of a VAR architecture, built on the meta device (no memory, any size)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VARNet(cfg).parameters())
+
+
 @register_variant
+@_arch(VARConfig(depth=16))
 def var_d16(**kwargs) -> VAR:
     """VAR-d16, 310M, ImageNet 256 px (README FID 3.55). Weights: FoundationVision/var var_d16.pth."""
     return build_var(16, **kwargs)
 
 
 @register_variant
+@_arch(VARConfig(depth=20))
 def var_d20(**kwargs) -> VAR:
     """VAR-d20, 600M, ImageNet 256 px (README FID 2.95). Weights: FoundationVision/var var_d20.pth."""
     return build_var(20, **kwargs)
 
 
 @register_variant
+@_arch(VARConfig(depth=24))
 def var_d24(**kwargs) -> VAR:
     """VAR-d24, 1.0B, ImageNet 256 px (README FID 2.33). Weights: FoundationVision/var var_d24.pth."""
     return build_var(24, **kwargs)
 
 
 @register_variant
+@_arch(VARConfig(depth=30))
 def var_d30(**kwargs) -> VAR:
     """VAR-d30, 2.0B, ImageNet 256 px (README FID 1.97). Weights: FoundationVision/var var_d30.pth."""
     return build_var(30, **kwargs)
 
 
 @register_variant
+@_arch(VARConfig(depth=36, shared_aln=True, patch_nums=PATCH_NUMS[2240]))
 def var_d36(**kwargs) -> VAR:
     """VAR-d36-s, 2.3B, ImageNet 512 px, shared AdaLN (README FID 2.63). Weights: FoundationVision/var var_d36.pth."""
     kwargs.setdefault("patch_nums", PATCH_NUMS[2240])
@@ -296,6 +313,7 @@ def var_d36(**kwargs) -> VAR:
 
 
 @register_variant
+@_arch(VARConfig(depth=2))
 def test_var(**kwargs) -> VAR:
     """Tiny random VAR (depth 2, width 128, VQVAE ch 32) for tests and CPU smoke runs; < 1 s per batch."""
     kwargs.setdefault("weights", "random")

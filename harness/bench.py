@@ -1,0 +1,98 @@
+"""Speed, memory and FLOP utilisation of one variant at one batch size and precision.
+
+Warm-up runs (compilation, graph capture, allocator growth) are excluded; each timed repeat is one full
+generation with the VAE decode timed apart, because papers differ on whether they include it (CoDe's table
+excludes it, the VAR zoo timings include it). Medians and IQRs, never a mean alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .loop import generate
+from .measure import MemoryMeter, RegionTimer, p50_iqr, peak_flops
+from .sampling import SampleConfig
+
+__all__ = ["bench_variant", "vae_decode_flops"]
+
+
+def vae_decode_flops(cfg, latent_shape: tuple[int, ...]) -> float:
+    """FLOPs of decoding one latent of a VQVAE config, counted by FlopCounterMode on the meta device."""
+    from varbench.variants.vqvae import VQVAE
+
+    with torch.device("meta"):
+        shadow = VQVAE(cfg)
+        latent = torch.zeros(1, *latent_shape[1:])
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        shadow.decode(latent)
+    return float(counter.get_total_flops())
+
+
+def bench_variant(variant, batch: int, sampling: SampleConfig = SampleConfig(), warmup: int = 1,
+                  repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Measures `variant` (a VAR-family variant) generating `batch` images; returns one flat dict."""
+    from varbench.variants.var_model import flops_per_image
+
+    device = variant.device
+    labels = torch.arange(batch, device=device) % variant.num_classes
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        generate(variant, labels, sampling, g_seed=seed + i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+
+    meter = MemoryMeter(device)
+    meter.start()
+    totals, decodes, per_scale = [], [], []
+    for r in range(repeats):
+        timer = RegionTimer(device)
+        with timer.region("total"):
+            gen = generate(variant, labels, sampling, g_seed=seed + r, timer=timer.region)
+        ms = timer.elapsed_ms()
+        totals.append(ms["total"][0])
+        decodes.append(ms["decode"][0])
+        per_scale.append([sum(ms[f"scale{si}"]) for si in range(len(variant.patch_nums))])
+    peak = meter.peak_bytes()
+
+    total_ms, total_iqr = p50_iqr(totals)
+    decode_ms, _ = p50_iqr(decodes)
+    no_vae_ms, _ = p50_iqr([t - d for t, d in zip(totals, decodes)])
+    net_flops = flops_per_image(variant.cfg)
+    vae_flops = vae_decode_flops(variant.vae.cfg, tuple(gen.state.f_hat.shape))
+    images_per_s = batch / (total_ms / 1e3)
+    peak_rate, peak_source = peak_flops(device, variant.dtype)
+    kv = list(getattr(gen.state, "kv_bytes", []))
+    return {
+        "variant": variant.name,
+        "depth": variant.cfg.depth,
+        "params": sum(p.numel() for p in variant.net.parameters()),
+        "batch_size": batch,
+        "precision": variant.engine.precision,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "engine": asdict(variant.engine),
+        "images_per_s": images_per_s,
+        "images_per_s_without_vae": batch / (no_vae_ms / 1e3),
+        "latency_ms_p50": total_ms,
+        "latency_ms_iqr": total_iqr,
+        "n": repeats,
+        "latency_ms_per_scale": [p50_iqr(col)[0] for col in zip(*per_scale)],
+        "vae_decode_ms": decode_ms,
+        "warmup_s": warmup_s,
+        "peak_memory_bytes": peak,
+        "memory_method": meter.method,
+        "kv_bytes": max(kv) if kv else 0,
+        "kv_bytes_per_scale": kv,
+        "model_flops_per_image": net_flops + vae_flops,
+        "model_flops_per_image_without_vae": net_flops,
+        "mfu": images_per_s * (net_flops + vae_flops) / peak_rate,
+        "peak_flops": peak_rate,
+        "peak_flops_source": peak_source,
+    }

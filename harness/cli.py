@@ -1,0 +1,185 @@
+"""`varbench`: the command line. The only module that prints.
+
+    varbench run [--out DIR] [--variants A,B]        the embedded default, end to end on a CPU
+    varbench list [PATTERN]                           registered variants with parameter counts
+    varbench bench [--variant NAME] [--batch N] ...   speed, memory, KV bytes, MFU as one JSON object
+    varbench conformance DIR [--device cpu]           replay official reference outputs; exit 0 iff all pass
+    varbench env                                      the environment block records carry
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .registry import VARIANTS
+    from varbench.variants import describe
+
+    rows = [describe(name) for name in VARIANTS.list(args.pattern)]
+    if not rows:
+        print(f"no variant matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    return 0
+
+
+def _sampling(args: argparse.Namespace):
+    from .sampling import SampleConfig
+
+    return SampleConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import create_variant
+    from .bench import bench_variant
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .registry import VARIANTS
+    from varbench.variants.var import EngineConfig, build_var
+
+    name = args.variant or (f"var_d{args.depth}" if args.depth else "test_var")
+
+    def build(engine: EngineConfig):
+        kwargs = {"engine": engine, "device": args.device, "weights": args.weights}
+        if args.weights == "random" and args.vae_ch:
+            kwargs["vae_ch"] = args.vae_ch
+        if args.depth and not args.variant and name not in VARIANTS:  # any depth, 256 px layout
+            return build_var(args.depth, **kwargs)
+        return create_variant(name, **kwargs)
+
+    if args.reference:
+        engine = EngineConfig.reference(args.precision)
+    else:
+        engine = EngineConfig(args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    result = bench_variant(build(engine), args.batch, _sampling(args), args.warmup, args.repeats)
+    if args.vs_reference:
+        ref = bench_variant(build(EngineConfig.reference(args.precision)), args.batch, _sampling(args),
+                            args.warmup, args.repeats)
+        result["reference"] = {k: ref[k] for k in ("images_per_s", "latency_ms_p50", "latency_ms_iqr",
+                                                   "latency_ms_per_scale", "vae_decode_ms", "peak_memory_bytes")}
+        result["speedup_vs_reference"] = result["images_per_s"] / ref["images_per_s"]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import run_conformance
+
+    report = run_conformance(args.folder, args.device)
+    print(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from .records import capture_env
+
+    print(json.dumps(capture_env(args.device), indent=2))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from tqdm import tqdm
+
+    from .quickrun import DEFAULT_VARIANTS, quick_run
+    from .registry import VARIANTS
+    from .tables import speed_table
+
+    if args.study is not None:
+        print("error: study files are not supported yet; run without one for the embedded default",
+              file=sys.stderr)
+        return 2
+    names = args.variants.split(",") if args.variants else list(DEFAULT_VARIANTS)
+    import varbench.variants  # noqa: F401
+
+    for name in names:
+        VARIANTS.get(name)  # fail at once, before any output is written
+    out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    print(f"varbench run: embedded default on CPU -> {out}")
+    print("  weights: random (no trained checkpoint is built in yet): quality numbers on them mean nothing")
+    bar = tqdm(total=3 * len(names), unit="step", dynamic_ncols=True)
+
+    def progress(message: str) -> None:
+        bar.set_description(message)
+        bar.update(1)
+
+    records = quick_run(out, names, progress=progress)
+    bar.close()
+    print()
+    print(speed_table(records))
+    print(f"\nrecords: {out / 'records.jsonl'}   samples: {out / 'samples'}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="varbench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the embedded default study")
+    run.add_argument("study", nargs="?", help="study TOML file (default: the embedded quick study)")
+    run.add_argument("--variants", help="comma-separated variant names")
+    run.add_argument("--out", help="output folder (default: runs/<time>)")
+    run.set_defaults(fn=_cmd_run)
+
+    ls = sub.add_parser("list", help="list registered variants")
+    ls.add_argument("pattern", nargs="?", default="*")
+    ls.set_defaults(fn=_cmd_list)
+
+    b = sub.add_parser("bench", help="measure speed and memory of one variant")
+    b.add_argument("--variant", help="registered name (default: test_var, or var_d{depth})")
+    b.add_argument("--depth", type=int, help="VAR depth (16, 20, 24, 30, 36) instead of --variant")
+    b.add_argument("--weights", default="random", help="'random' (default) or a checkpoint source")
+    b.add_argument("--vae-ch", type=int, default=None, help="VQVAE width of random models (default 160)")
+    b.add_argument("--batch", type=int, default=4)
+    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--compile", action="store_true", help="torch.compile the per-scale step")
+    b.add_argument("--cuda-graphs", action="store_true", help="capture the per-scale step as CUDA graphs")
+    b.add_argument("--reference", action="store_true", help="measure the reference loop (engine off)")
+    b.add_argument("--vs-reference", action="store_true", help="also measure the reference; report speedup")
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    b.add_argument("--cfg", type=float, default=1.5)
+    b.add_argument("--top-k", type=int, default=900)
+    b.add_argument("--top-p", type=float, default=0.96)
+    b.set_defaults(fn=_cmd_bench)
+
+    c = sub.add_parser("conformance", help="replay a conformance fixture folder")
+    c.add_argument("folder")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(fn=_cmd_conformance)
+
+    e = sub.add_parser("env", help="print the environment block")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(fn=_cmd_env)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .checkpoints import CheckpointError
+
+    try:
+        return args.fn(args)
+    except (KeyError, ValueError, CheckpointError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The command line as a user meets it: list, bench, run, bad input."""
+
+import json
+
+import pytest
+
+from varbench.harness.cli import main
+from varbench.harness.records import load_records
+from varbench.harness.registry import Registry
+
+
+def test_list_shows_variants_with_exact_parameter_counts(capsys):
+    assert main(["list", "var_*"]) == 0
+    out = capsys.readouterr().out
+    assert "var_d16" in out and "310,283,520" in out and "2,353,893,904" in out and "test_var" not in out
+
+
+def test_bench_prints_one_json_object_with_the_required_fields(capsys):
+    assert main(["bench", "--batch", "1", "--repeats", "2", "--vs-reference"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("images_per_s", "latency_ms_per_scale", "vae_decode_ms", "peak_memory_bytes", "kv_bytes", "mfu",
+                "speedup_vs_reference"):
+        assert key in result
+    assert len(result["latency_ms_per_scale"]) == 10 and result["images_per_s"] > 0
+    assert result["kv_bytes"] == 2 * 2 * 1 * 680 * 128 * 2 * 4  # K,V x CFG x batch x L x width x depth x fp32
+
+
+def test_unknown_variant_fails_at_once_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--variants", "var_d61", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown variant 'var_d61'" in err and "Did you mean" in err and "var_d16" in err
+    assert not out.exists()
+
+
+def test_run_writes_records_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "img/s ↑" in printed and "test_var" in printed and "random" in printed
+    records = list(load_records(out))
+    speed = [r for r in records if r["kind"] == "speed"]
+    assert len(speed) == 1 and speed[0]["schema"] == 1 and "git_sha" in speed[0]["env"]
+    assert (out / "samples" / "test_var.npz").is_file()
+
+
+def test_registry_rejects_duplicates_and_bad_names():
+    reg = Registry("thing")
+
+    @reg.register
+    def alpha():
+        return 1
+
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("alpha", alpha)
+    with pytest.raises(ValueError, match="bad thing name"):
+        reg.add("Bad-Name", alpha)
+    reg.add("lazy_one", "json:dumps")
+    assert reg.get("lazy_one") is json.dumps and reg.list("a*") == ["alpha"]
+    with pytest.raises(KeyError, match="Did you mean: alpha"):
+        reg.get("alpah")
