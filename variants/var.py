@@ -89,7 +89,12 @@ class VAR:
             self.vae.decoder.to(memory_format=torch.channels_last)
         self._static_cache: StaticKVCache | None = None
         self._lvl_pos: Tensor | None = None
-        self._step_fn = torch.compile(self._network_step, dynamic=False) if engine.compile else self._network_step
+        self._step_fn = self._network_step
+        if engine.compile:  # one static-shape graph per scale (and per batch size): allow that many
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(self.patch_nums))
+            self._step_fn = torch.compile(self._network_step, dynamic=False)
         self._graphs: _ScaleGraphs | None = None
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -171,10 +176,6 @@ class VAR:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def release(self) -> None:
-        """Frees the KV cache and captured graphs (e.g. between benchmark cells)."""
-        self._static_cache, self._graphs = None, None
-
 
 def _hold_in(net: VARNet, dtype: torch.dtype) -> None:
     """Casts the weights every linear layer reads to `dtype`; embeddings, positions, per-head scales and the
@@ -199,7 +200,7 @@ class _ScaleGraphs:
         self.inputs = [torch.zeros(b2, pn * pn, c, device=dev) for pn in variant.patch_nums]
         self.mods = [tuple(t.clone() for t in m) for m in state.mods]
         self.head = tuple(t.clone() for t in state.head_mod)
-        self.ends = torch.tensor([pn * pn for pn in variant.patch_nums]).cumsum(0).tolist()
+        self.ends = [end for _, end in variant.net.begin_ends]
         cache = state.cache
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

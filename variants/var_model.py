@@ -170,11 +170,8 @@ class VARNet(nn.Module):
         self.head_nm = nn.Module()
         self.head_nm.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c, 2 * c))
         self.head = nn.Linear(c, cfg.vocab_size)
-
-    @property
-    def begin_ends(self) -> list[tuple[int, int]]:
-        ends = torch.tensor([pn * pn for pn in self.cfg.patch_nums]).cumsum(0).tolist()
-        return [(e - pn * pn, e) for e, pn in zip(ends, self.cfg.patch_nums)]
+        ends = [sum(pn * pn for pn in cfg.patch_nums[: i + 1]) for i in range(len(cfg.patch_nums))]
+        self.begin_ends = [(e - pn * pn, e) for e, pn in zip(ends, cfg.patch_nums)]  # token span per scale
 
     # -- conditioning ----------------------------------------------------------------------------
     def modulations(self, cond: Tensor) -> list[Modulation]:
