@@ -106,3 +106,11 @@ def test_bf16_engine_error_is_that_of_the_official_autocast():
             ((g - w).abs().max() / w.abs().max()).item() for g, w in zip(rec.logits, want))
     assert errors[True] < 0.05
     assert errors[True] <= 1.5 * errors[False] + 1e-3, errors
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_eager_tokens():
+    labels = torch.tensor([7, 8])
+    eager = generate(_variant(SHAPES["d3_b3"]), labels, SampleConfig(), g_seed=2)
+    compiled = generate(_variant(SHAPES["d3_b3"], EngineConfig(compile=True)), labels, SampleConfig(), g_seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(eager.tokens, compiled.tokens))
