@@ -10,7 +10,7 @@ drawn from the same generator after the multinomial.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -68,10 +68,6 @@ class SampleConfig:
             if s.top_k < 0 or not 0.0 <= s.top_p <= 1.0 or s.temperature <= 0:
                 raise ValueError(f"bad sampling settings at scale {si}: {s} (need top_k >= 0, "
                                  "0 <= top_p <= 1, temperature > 0)")
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 class Draw(NamedTuple):
