@@ -1,6 +1,7 @@
 """`varbench`: the command line. The only module that prints.
 
-    varbench run [--out DIR] [--variants A,B]        the embedded default, end to end on a CPU
+    varbench run [STUDY.toml] [--set k=v] [--out DIR]  a study (default: the embedded one, on a CPU)
+    varbench table RESULTS [--format md|csv]          the tables of recorded results
     varbench list [PATTERN]                           registered variants with parameter counts
     varbench bench [--variant NAME] [--batch N] ...   speed, memory, KV bytes, MFU as one JSON object
     varbench conformance DIR [--device cpu]           replay official reference outputs; exit 0 iff all pass
@@ -21,14 +22,17 @@ __all__ = ["main"]
 def _cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .registry import VARIANTS
+    from .registry import KV_POLICIES, VARIANTS
     from varbench.variants import describe
 
     rows = [describe(name) for name in VARIANTS.list(args.pattern)]
-    if not rows:
-        print(f"no variant matches {args.pattern!r}", file=sys.stderr)
+    policies = [{"name": name, "family": "kv_policy", "params": "-",
+                 "description": (KV_POLICIES.get(name).__doc__ or "").strip().split("\n")[0],
+                 "defined in": KV_POLICIES.origin(name)} for name in KV_POLICIES.list(args.pattern)]
+    if not rows and not policies:
+        print(f"no variant or KV policy matches {args.pattern!r}", file=sys.stderr)
         return 1
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+    print(tabulate(rows + policies, headers="keys", tablefmt="github"))
     return 0
 
 
@@ -89,38 +93,63 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_study_path() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("varbench.harness") / "studies" / "default.toml"))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
     import datetime as dt
+    import os
 
-    from tqdm import tqdm
+    from .config import load_study
+    from .records import load_records
+    from .study import check_names, resolve_device, run_study
+    from .tables import results_table
 
-    from .quickrun import DEFAULT_VARIANTS, quick_run
-    from .registry import VARIANTS
-    from .tables import speed_table
+    embedded = args.study is None
+    study = load_study(default_study_path() if embedded else args.study, args.set or [])
+    if args.variants:
+        study = dataclasses.replace(study, variants=tuple(v.strip() for v in args.variants.split(",")))
+    check_names(study)  # unknown names fail here, before anything is written
+    out = Path(args.out or Path("runs") / f"{study.study}-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        what = "the embedded default study" if embedded else f"study {study.study!r} ({args.study})"
+        print(f"varbench run: {what} on {resolve_device(study.device)} -> {out}")
+        print(f"  variants: {', '.join(study.variants)}; KV policies: {', '.join(study.kv_policies)}")
+        if embedded:
+            print("  weights: random (test_var, seed 0): no trained small model is built in yet, so its images "
+                  "are noise and its quality numbers show the machinery, not a model")
+        if study.quality is not None:
+            print(f"  quality: {study.quality.num_samples} samples, extractor {study.quality.extractor!r}, "
+                  f"reference {study.quality.reference!r}")
+    run_study(study, out, progress=main_rank)
+    import torch.distributed as dist
 
-    if args.study is not None:
-        print("error: study files are not supported yet; run without one for the embedded default",
-              file=sys.stderr)
-        return 2
-    names = args.variants.split(",") if args.variants else list(DEFAULT_VARIANTS)
-    import varbench.variants  # noqa: F401
+    if dist.is_initialized():  # started by torchrun: ranks leave together
+        dist.destroy_process_group()
+    if main_rank:
+        print()
+        print(results_table(load_records(out / "records.jsonl")))
+        print(f"\nrecords: {out / 'records.jsonl'}   samples: {out / 'samples'}")
+        print(f"again: varbench table {out}")
+    return 0
 
-    for name in names:
-        VARIANTS.get(name)  # fail at once, before any output is written
-    out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    print(f"varbench run: embedded default on CPU -> {out}")
-    print("  weights: random (no trained checkpoint is built in yet): quality numbers on them mean nothing")
-    bar = tqdm(total=3 * len(names), unit="step", dynamic_ncols=True)
 
-    def progress(message: str) -> None:
-        bar.set_description(message)
-        bar.update(1)
+def _cmd_table(args: argparse.Namespace) -> int:
+    from .records import load_records
+    from .tables import results_table
 
-    records = quick_run(out, names, progress=progress)
-    bar.close()
-    print()
-    print(speed_table(records))
-    print(f"\nrecords: {out / 'records.jsonl'}   samples: {out / 'samples'}")
+    path = Path(args.results)
+    if not path.exists():
+        raise FileNotFoundError(f"no records at {str(path)!r}: give a records .jsonl file or a run folder")
+    records = list(load_records(path))
+    if not records:
+        raise ValueError(f"{str(path)!r} holds no records")
+    print(results_table(records, args.format).rstrip("\n"))
     return 0
 
 
@@ -128,11 +157,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="varbench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the embedded default study")
+    run = sub.add_parser("run", help="run a study (default: the embedded quick study)")
     run.add_argument("study", nargs="?", help="study TOML file (default: the embedded quick study)")
-    run.add_argument("--variants", help="comma-separated variant names")
-    run.add_argument("--out", help="output folder (default: runs/<time>)")
+    run.add_argument("--variants", help="comma-separated variant names (replaces the study's)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a study setting, e.g. --set quality.num_samples=1000 (repeatable)")
+    run.add_argument("--out", help="output folder (default: runs/<study>-<time>); rerun to resume")
     run.set_defaults(fn=_cmd_run)
+
+    t = sub.add_parser("table", help="print the tables of recorded results")
+    t.add_argument("results", help="records .jsonl file or a folder of them")
+    t.add_argument("--format", default="md", choices=["md", "csv"])
+    t.set_defaults(fn=_cmd_table)
 
     ls = sub.add_parser("list", help="list registered variants")
     ls.add_argument("pattern", nargs="?", default="*")

@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=Callable)
 
-__all__ = ["Registry", "VARIANTS", "register_variant"]
+__all__ = ["Registry", "VARIANTS", "KV_POLICIES", "METRICS", "register_variant", "register_kv_policy"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -58,9 +58,11 @@ class Registry(Generic[T]):
             target = self._items[name] = getattr(importlib.import_module(module), attr)
         return target
 
-    def list(self, pattern: str = "*") -> list[str]:
+    def list(self, pattern: str = "*", sort: bool = True) -> list[str]:
+        """Names matching a shell-style pattern, sorted (or in registration order)."""
         self._read_entry_points()
-        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+        names = [n for n in self._items if fnmatch.fnmatch(n, pattern)]
+        return sorted(names) if sort else names
 
     def origin(self, name: str) -> str:
         """Where an entry is defined, as 'module:line' (or the lazy target)."""
@@ -78,4 +80,7 @@ class Registry(Generic[T]):
 
 
 VARIANTS: Registry = Registry("variant", "varbench.variants")
+KV_POLICIES: Registry = Registry("KV policy", "varbench.kv_policies")
+METRICS: Registry = Registry("metric", "varbench.metrics")  # table columns: see harness/metrics.py
 register_variant = VARIANTS.register
+register_kv_policy = KV_POLICIES.register

@@ -33,15 +33,20 @@ def test_unknown_variant_fails_at_once_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_run_writes_records_and_prints_the_table(tmp_path, capsys):
+def test_run_writes_records_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    assert main(["run", "--out", str(out)]) == 0
+    small = ["--set", "quality.num_samples=4", "--set", "quality.block_size=2", "--set", "speed.repeats=1",
+             "--set", "sweep={}", "--set", "quality.metrics=['fid']"]
+    assert main(["run", "--out", str(out), *small]) == 0
     printed = capsys.readouterr().out
-    assert "img/s ↑" in printed and "test_var" in printed and "random" in printed
+    assert "the embedded default study" in printed and "random" in printed and "varbench-cnn" in printed
+    assert "img/s ↑" in printed and "FID ↓" in printed and "test_var" in printed and "- git:" in printed
     records = list(load_records(out))
-    speed = [r for r in records if r["kind"] == "speed"]
-    assert len(speed) == 1 and speed[0]["schema"] == 1 and "git_sha" in speed[0]["env"]
-    assert (out / "samples" / "test_var.npz").is_file()
+    assert [r["kind"] for r in records] == ["speed", "quality"] and records[0]["schema"] == 1
+    assert records[1]["metrics"]["num_samples"] == 4 and (out / "samples").is_dir()
+    assert main(["table", str(out)]) == 0
+    assert capsys.readouterr().out.strip() in printed  # the same table again, from the records
 
 
 def test_registry_rejects_duplicates_and_bad_names():

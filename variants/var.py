@@ -73,6 +73,7 @@ class VAR:
     def __init__(self, net: VARNet, vae: VQVAE, engine: EngineConfig = EngineConfig(),
                  device: str | torch.device = "cpu", name: str = "var"):
         self.name, self.engine, self.device = name, engine, torch.device(device)
+        self.weights = "modules given by the caller"  # build_var names the checkpoint (or random seed)
         if engine.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         self.dtype = DTYPES[engine.precision]
@@ -240,7 +241,7 @@ class _ScaleGraphs:
 def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
               engine: EngineConfig = EngineConfig(), device: str = "cpu", seed: int = 0,
               patch_nums: Sequence[int] | None = None, shared_aln: bool = False, vae_ch: int = 160,
-              allow_download: bool | None = None, name: str | None = None) -> VAR:
+              allow_download: bool | None = None, name: str | None = None, kv_policy=None) -> VAR:
     """A VAR variant of the given depth.
 
     Args:
@@ -249,6 +250,7 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
         vae: VQVAE source; None = the official vae_ch160v4096z32 (random with random weights).
         patch_nums: scale schedule (default: the 256 px one, or read from the checkpoint).
         shared_aln, vae_ch: architecture of random models.
+        kv_policy: a KV-cache policy from `KV_POLICIES` (None or `full` keeps every entry).
     """
     if weights == "random":
         cfg = VARConfig(depth=depth, shared_aln=shared_aln, patch_nums=tuple(patch_nums or PATCH_NUMS[680]))
@@ -259,7 +261,11 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
         vae_model = random_vqvae(VQVAEConfig(ch=vae_ch), seed)
     else:
         vae_model = load_vqvae(vae or "vae", allow_download)
-    return VAR(net, vae_model, engine, device, name or f"var_d{depth}")
+    if kv_policy is not None and getattr(kv_policy, "name", None) != "full":
+        raise ValueError(f"VAR does not support KV policy {kv_policy.name!r} yet; supported: full")
+    variant = VAR(net, vae_model, engine, device, name or f"var_d{depth}")
+    variant.weights = f"random (seed {seed})" if weights == "random" else str(weights or f"var_d{depth}")
+    return variant
 
 
 def _arch(cfg: VARConfig):

@@ -1,0 +1,322 @@
+"""The study runner: plans cells, measures each one the same way, appends one record per measurement.
+
+plan(study) -> cells (variant × KV policy × sweep point); for each cell:
+    speed    one record per batch size: warm-up excluded, median/IQR of repeats, per-scale latency, VAE decode
+             apart, peak memory (method recorded), KV bytes read from the cache (harness/bench.py)
+    quality  samples in seed blocks, sharded over torchrun ranks (harness/shard.py), merged to an ADM-style
+             .npz, scored with torch-fidelity (harness/quality.py) with bootstrap intervals
+    consistency  PSNR/SSIM (LPIPS when its weights are local) against the baseline cell's samples, same seeds
+Every record carries the cell, its config hash and the environment. A rerun skips measurements whose
+(kind, config hash) is already recorded, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import StudyConfig, at_point, sweep_points, to_dict
+from .records import SCHEMA, append_record, capture_env, config_hash, load_records
+from .registry import KV_POLICIES, VARIANTS
+
+__all__ = ["Cell", "plan", "check_names", "run_study", "resolve_device", "cache_dir"]
+
+log = logging.getLogger(__name__)
+SYNTHETIC_SEED = 20_251_123  # the synthetic reference set's seed, apart from any study seed
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One variant × KV policy × sweep point, with the study as it reads at that point."""
+
+    variant: str
+    kv_policy: str
+    point: dict[str, Any]
+    config: StudyConfig = field(repr=False)
+
+    @property
+    def variant_args(self) -> dict[str, Any]:
+        return dict(self.config.variant_args.get(self.variant, {}))
+
+    @property
+    def kv_args(self) -> dict[str, Any]:
+        return dict(self.config.kv_args.get(self.kv_policy, {}))
+
+    def describe(self) -> dict[str, Any]:
+        return {"variant": self.variant, "kv_policy": self.kv_policy, "variant_args": self.variant_args,
+                "kv_args": self.kv_args, "sweep": self.point}
+
+    @property
+    def label(self) -> str:
+        extra = [f"{k}={v}" for k, v in self.point.items()]
+        return " ".join([self.variant, self.kv_policy, *extra])
+
+
+def plan(study: StudyConfig) -> list[Cell]:
+    """Every cell of the study, in a stable order."""
+    cells = []
+    for point in sweep_points(study):
+        config = at_point(study, point)
+        for variant in study.variants:
+            for policy in study.kv_policies:
+                cells.append(Cell(variant, policy, point, config))
+    return cells
+
+
+def check_names(study: StudyConfig) -> None:
+    """Fails at once (KeyError with "did you mean") on an unknown variant or KV policy."""
+    import varbench.variants  # noqa: F401  (registers the built-in variants and policies)
+
+    for name in study.variants:
+        VARIANTS.get(name)
+    for name in study.kv_policies:
+        KV_POLICIES.get(name)
+    if study.baseline is not None and study.baseline not in study.variants:
+        raise ValueError(f"baseline {study.baseline!r} is not one of the study's variants {list(study.variants)}")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def cache_dir() -> Path:
+    """Where reference statistics are cached (by content hash): $VARBENCH_CACHE or ~/.cache/varbench."""
+    return Path(os.environ.get("VARBENCH_CACHE", Path.home() / ".cache" / "varbench"))
+
+
+def _precision(study: StudyConfig, device: str) -> str:
+    if study.engine.precision != "auto":
+        return study.engine.precision
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def build_cell(cell: Cell, device: str):
+    """The cell's variant on `device`, with the study's engine settings and the cell's KV policy."""
+    from varbench.variants.var import EngineConfig
+
+    from . import create_variant
+
+    engine = EngineConfig(_precision(cell.config, device), compile=cell.config.engine.compile,
+                          cuda_graphs=cell.config.engine.cuda_graphs)
+    policy = KV_POLICIES.get(cell.kv_policy)(**cell.kv_args)
+    try:
+        return create_variant(cell.variant, engine=engine, device=device, kv_policy=policy, **cell.variant_args)
+    except TypeError as err:
+        raise ValueError(f"variant_args.{cell.variant}: {err}") from None
+
+
+class _Run:
+    """State shared by the measurements of one invocation."""
+
+    def __init__(self, study: StudyConfig, out: Path, rank: int, world: int, device: str):
+        self.study, self.out, self.rank, self.world, self.device = study, out, rank, world, device
+        self.run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid():x}"
+        self.env = capture_env(device)
+        self.records_path = out / "records.jsonl"
+        self.count = 0
+
+    def done(self) -> dict[tuple[str, str], dict[str, Any]]:
+        if not self.records_path.exists():
+            return {}
+        return {(r.get("kind"), r.get("config_hash")): r for r in load_records(self.records_path)}
+
+    def record(self, kind: str, cell: Cell, chash: str, metrics: dict[str, Any], started: float,
+               **extra: Any) -> dict[str, Any]:
+        self.count += 1
+        rec = {"schema": SCHEMA, "id": f"{self.run_id}/{self.count}", "kind": kind, "study": self.study.study,
+               "cell": cell.describe(), "label": cell.label, "config_hash": chash,
+               "precision": _precision(cell.config, self.device), "seed": cell.config.seed,
+               "device": self.device, "metrics": metrics, **extra, "env": self.env,
+               "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
+               "duration_s": round(time.time() - started, 3)}
+        append_record(self.records_path, rec)
+        return rec
+
+
+def _speed_hash(cell: Cell, batch: int, device: str) -> str:
+    c = cell.config
+    return config_hash({"kind": "speed", "cell": cell.describe(), "batch": batch, "device": device,
+                        "engine": to_dict(c.engine), "precision": _precision(c, device),
+                        "sample": to_dict(c.sample), "speed": to_dict(c.speed), "threads": c.threads})
+
+
+def _quality_hash(cell: Cell, device: str) -> str:
+    c = cell.config
+    return config_hash({"kind": "quality", "cell": cell.describe(), "device": device, "seed": c.seed,
+                        "engine": to_dict(c.engine), "precision": _precision(c, device),
+                        "sample": to_dict(c.sample), "quality": to_dict(c.quality)})
+
+
+def _samples_hash(cell: Cell, device: str) -> str:
+    """What the samples depend on (not the scoring settings), so rescoring reuses them."""
+    c = cell.config
+    q = replace(c.quality, metrics=(), extractor="", extractor_weights=None, reference=None, bootstrap=0,
+                consistency=False, lpips_weights=None)
+    return config_hash({"cell": cell.describe(), "device": device, "seed": c.seed, "engine": to_dict(c.engine),
+                        "precision": _precision(c, device), "sample": to_dict(c.sample), "quality": to_dict(q)})
+
+
+def run_study(study: StudyConfig, out: str | Path, progress: bool = False) -> list[dict[str, Any]]:
+    """Runs (or resumes) a study into `out`; returns the records appended by this call (rank 0)."""
+    from .shard import init_distributed
+
+    check_names(study)
+    device = resolve_device(study.device)
+    rank, world = init_distributed(device)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{torch.cuda.current_device()}"
+    threads = torch.get_num_threads()
+    if study.threads:
+        torch.set_num_threads(study.threads)
+    try:
+        return _run_cells(study, Path(out), rank, world, device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_cells(study: StudyConfig, out: Path, rank: int, world: int, device: str,
+               progress: bool) -> list[dict[str, Any]]:
+    from .shard import barrier
+
+    cells = plan(study)
+    run = _Run(study, out, rank, world, device)
+    new: list[dict[str, Any]] = []
+    bar = _bar(progress and rank == 0, cells, study)
+    samples: dict[int, Path] = {}
+    for i, cell in enumerate(cells):
+        variant = None
+        if cell.config.speed is not None:
+            for batch in cell.config.speed.batch_sizes:
+                chash = _speed_hash(cell, batch, device)
+                if rank == 0 and (("speed", chash) not in run.done()):
+                    bar.set_description(f"{cell.label}: speed, batch {batch}")
+                    variant = variant or build_cell(cell, device)
+                    new.append(_speed(run, cell, variant, batch, chash))
+                bar.update(1)
+        barrier()
+        if cell.config.quality is not None:
+            bar.set_description(f"{cell.label}: quality")
+            path, rec = _quality(run, cell, variant, bar)
+            samples[i] = path
+            new += [rec] if rec else []
+            bar.update(1)
+    if study.quality is not None and study.quality.consistency and rank == 0:
+        new += _consistency_all(run, cells, samples, bar)
+    bar.close()
+    return new
+
+
+def _bar(enabled: bool, cells: list[Cell], study: StudyConfig):
+    from tqdm import tqdm
+
+    per_cell = len(study.speed.batch_sizes) if study.speed else 0
+    total = len(cells) * (per_cell + (1 if study.quality else 0))
+    return tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _speed(run: _Run, cell: Cell, variant, batch: int, chash: str) -> dict[str, Any]:
+    from .bench import bench_variant
+
+    t0 = time.time()
+    s = cell.config.speed
+    metrics = bench_variant(variant, batch, cell.config.sample, s.warmup, s.repeats, seed=cell.config.seed)
+    return run.record("speed", cell, chash, metrics, t0, batch_size=batch, weights=variant.weights)
+
+
+def _quality(run: _Run, cell: Cell, variant, bar) -> tuple[Path, dict[str, Any] | None]:
+    """Samples (sharded, resumable) and scores one cell; returns the merged samples and the record."""
+    from .quality import score
+    from .shard import barrier, merge_shards, sample_shards
+
+    q, chash = cell.config.quality, _quality_hash(cell, run.device)
+    shard_dir = run.out / "samples" / _samples_hash(cell, run.device)
+    merged = shard_dir.parent / f"{shard_dir.name}.npz"
+    done = run.done().get(("quality", chash))
+    if done is not None and merged.is_file():
+        return merged, None
+    t0 = time.time()
+    if not merged.is_file():
+        variant = variant or build_cell(cell, run.device)
+        sample_shards(variant, shard_dir, q.num_samples, q.block_size, cell.config.seed, cell.config.sample,
+                      rank=run.rank, world=run.world, progress=run.rank == 0 and not bar.disable)
+        barrier()
+        if run.rank == 0:
+            merge_shards(shard_dir, q.num_samples, q.block_size)
+        barrier()
+    if run.rank != 0:
+        return merged, None
+    images, weights = _load_images(merged), getattr(variant, "weights", None)
+    reference = _reference(q, images.shape[1], run.device) if q.metrics else None
+    metrics = score(images, reference, q.metrics, q.extractor, q.extractor_weights, device=run.device,
+                    bootstrap=q.bootstrap, seed=cell.config.seed) if q.metrics else {}
+    provenance = {k: metrics.pop(k) for k in list(metrics) if isinstance(metrics[k], str)}
+    return merged, run.record("quality", cell, chash, metrics, t0, samples=str(merged), quality=provenance,
+                              num_samples=q.num_samples, weights=weights or _weights_note(cell))
+
+
+def _weights_note(cell: Cell) -> str:
+    return str(cell.variant_args.get("weights", "the variant's default"))
+
+
+def _load_images(path: Path):
+    import numpy as np
+
+    with np.load(path) as data:
+        return data["arr_0"]
+
+
+def _reference(q, size: int, device: str):
+    """The reference of a quality config; "synthetic" renders the project's data set at `size` px."""
+    from .quality import reference_stats
+
+    source = q.reference
+    if source is None:
+        raise ValueError("quality.reference is not set: give an ADM reference batch .npz (e.g. "
+                         "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion), an .npz or folder of "
+                         "real images, or \"synthetic\" with the project's extractor")
+    if source == "synthetic":
+        from .synthetic import make_dataset, save_npz
+
+        count = max(q.num_samples, 1000)
+        path = cache_dir() / "synthetic" / f"synthetic_{size}px_{count}_seed{SYNTHETIC_SEED}.npz"
+        if not path.is_file():
+            save_npz(path, *make_dataset(count, seed=SYNTHETIC_SEED, size=size))
+        source = str(path)
+    return reference_stats(source, q.extractor, q.extractor_weights, cache_dir() / "reference", device)
+
+
+def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar) -> list[dict[str, Any]]:
+    """PSNR/SSIM/LPIPS of every cell against the baseline cell (the baseline variant with the first KV policy
+    at the first sweep point), on the same seeds; cells whose sample sets differ in shape are skipped."""
+    from .consistency import consistency
+
+    study, out = run.study, []
+    base_variant = study.baseline or study.variants[0]
+    base = next(j for j, c in enumerate(cells) if c.variant == base_variant and c.kv_policy == study.kv_policies[0])
+    done = run.done()
+    for i, cell in enumerate(cells):
+        if i == base or i not in samples or base not in samples:
+            continue
+        chash = config_hash({"kind": "consistency", "cell": samples[i].name, "baseline": samples[base].name})
+        if ("consistency", chash) in done:
+            continue
+        a, b = _load_images(samples[base]), _load_images(samples[i])
+        if a.shape != b.shape:
+            log.warning("%s: no consistency, its samples %s differ from the baseline's %s", cell.label,
+                        b.shape, a.shape)
+            continue
+        bar.set_description(f"{cell.label}: consistency")
+        t0 = time.time()
+        metrics = consistency(a, b, cell.config.quality.lpips_weights, bootstrap=cell.config.quality.bootstrap,
+                              seed=cell.config.seed)
+        out.append(run.record("consistency", cell, chash, metrics, t0, baseline=cells[base].label))
+    return out

@@ -1,0 +1,125 @@
+"""The study runner end to end on a tiny model: records, samples, resume after a cut line, tables."""
+
+import json
+
+import numpy as np
+import pytest
+
+from varbench.harness.cli import main
+from varbench.harness.config import load_study, parse_study
+from varbench.harness.records import load_records
+from varbench.harness.study import run_study
+
+STUDY = {"study": "tiny", "variants": ["test_var"], "device": "cpu", "threads": 2,
+         "engine": {"precision": "fp32"}, "speed": {"batch_sizes": [1, 2], "warmup": 0, "repeats": 1},
+         "quality": {"num_samples": 6, "block_size": 2, "metrics": ["fid", "isc"], "extractor": "varbench-cnn",
+                     "reference": "synthetic", "bootstrap": 20},
+         "sweep": {"sample.cfg": [1.5, 3.0]}}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    import os
+
+    out = tmp_path_factory.mktemp("study")
+    os.environ["VARBENCH_CACHE"] = str(out / "cache")
+    records = run_study(parse_study(STUDY), out)
+    return out, records
+
+
+def test_every_measurement_is_one_record_with_provenance(finished):
+    out, records = finished
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("speed") == 4 and kinds.count("quality") == 2 and kinds.count("consistency") == 1
+    written = list(load_records(out))
+    assert [(r["id"], r["config_hash"]) for r in written] == [(r["id"], r["config_hash"]) for r in records]
+    for r in records:
+        assert r["schema"] == 1 and r["env"]["git_sha"] and "torch" in r["env"] and len(r["config_hash"]) == 12
+        assert r["precision"] == "fp32" and r["seed"] == 0 and r["device"] == "cpu"
+    speed = [r for r in records if r["kind"] == "speed"]
+    assert len({r["config_hash"] for r in speed}) == 4 and {r["metrics"]["batch_size"] for r in speed} == {1, 2}
+    assert all(len(r["metrics"]["latency_ms_per_scale"]) == 10 and r["metrics"]["kv_bytes"] > 0 for r in speed)
+    quality = [r for r in records if r["kind"] == "quality"]
+    for r in quality:
+        m = r["metrics"]
+        assert m["fid_ci95"][0] <= m["fid"] <= m["fid_ci95"][1] and m["num_samples"] == 6
+        assert "varbench-cnn" in r["quality"]["extractor"] and "untrained" in r["quality"]["extractor"]
+        assert r["weights"] == "random (seed 0)"
+
+
+def test_samples_are_adm_npz_with_labels_and_seeds(finished):
+    out, records = finished
+    path = [r for r in records if r["kind"] == "quality"][0]["samples"]
+    with np.load(path) as data:
+        images, labels = data["arr_0"], data["labels"]
+    assert images.shape == (6, 256, 256, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 1000 for i in range(6)]
+
+
+def test_consistency_compares_with_the_baseline_on_the_same_seeds(finished):
+    _, records = finished
+    (rec,) = [r for r in records if r["kind"] == "consistency"]
+    assert rec["cell"]["sweep"] == {"sample.cfg": 3.0} and rec["baseline"] == "test_var full sample.cfg=1.5"
+    assert 0 < rec["metrics"]["psnr_db"] < 100 and -1 <= rec["metrics"]["ssim"] < 1
+
+
+def test_a_cut_last_line_is_ignored_and_only_its_measurement_is_redone(finished, tmp_path):
+    import shutil
+
+    src, records = finished
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out)
+    path = out / "records.jsonl"
+    text = path.read_bytes()
+    last = text.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    path.write_bytes(text[: len(text) - len(last) // 2 - 1])  # a crash in the middle of the last append
+    assert len(list(load_records(path))) == len(records) - 1
+    redone = run_study(parse_study(STUDY), out)
+    assert [r["config_hash"] for r in redone] == [records[-1]["config_hash"]]
+    again = run_study(parse_study(STUDY), out)
+    assert again == []  # nothing left to do
+    assert len(list(load_records(path))) == len(records)
+
+
+def test_table_prints_paper_style_tables_with_a_provenance_footer(finished, capsys):
+    out, _ = finished
+    assert main(["table", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "img/s ↑" in text and "latency ms ↓" in text and "FID ↓" in text and "IS ↑" in text
+    assert "PSNR dB ↑" in text and "sample.cfg" in text and "- git:" in text and "- torch:" in text
+    assert main(["table", str(out), "--format", "csv"]) == 0
+    csv = capsys.readouterr().out.splitlines()
+    assert csv[0].startswith("variant,KV policy,sample.cfg") and "images_per_s" in csv[0] and len(csv) == 1 + 4 + 2
+
+
+def test_table_of_nothing_is_a_clear_error(tmp_path, capsys):
+    assert main(["table", str(tmp_path / "none")]) == 2
+    assert "no records at" in capsys.readouterr().err
+
+
+def test_two_gloo_ranks_under_torchrun_record_what_one_process_records(tmp_path):
+    import subprocess
+    import sys
+
+    toml = tmp_path / "study.toml"
+    toml.write_text('study = "tiny"\nvariants = ["test_var"]\ndevice = "cpu"\nthreads = 1\n'
+                    '[engine]\nprecision = "fp32"\n'
+                    '[quality]\nnum_samples = 4\nblock_size = 1\nmetrics = ["fid", "isc"]\n'
+                    'extractor = "varbench-cnn"\nreference = "synthetic"\nbootstrap = 20\n')
+    one = run_study(load_study(toml, ["speed=false"]), tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "varbench.harness.cli", "run", str(toml), "--set", "speed=false", "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = list(load_records(tmp_path / "two"))
+    assert [r["kind"] for r in two] == ["quality"]  # rank 0 alone writes records
+    with np.load(one[0]["samples"]) as a, np.load(two[0]["samples"]) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    # the same images give the same scores (to float64 summation order across processes)
+    for key in ("fid", "isc_mean"):
+        assert two[0]["metrics"][key] == pytest.approx(one[0]["metrics"][key], rel=1e-6)
