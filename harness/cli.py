@@ -132,9 +132,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if dist.is_initialized():  # started by torchrun: ranks leave together
         dist.destroy_process_group()
     if main_rank:
+        table = results_table(load_records(out / "records.jsonl"))
+        (out / "table.md").write_text(table + "\n")
         print()
-        print(results_table(load_records(out / "records.jsonl")))
-        print(f"\nrecords: {out / 'records.jsonl'}   samples: {out / 'samples'}")
+        print(table)
+        print(f"\nrecords: {out / 'records.jsonl'}   table: {out / 'table.md'}   samples: {out / 'samples'}")
         print(f"again: varbench table {out}")
     return 0
 

@@ -46,7 +46,21 @@ def test_run_writes_records_and_prints_the_table(tmp_path, capsys, monkeypatch):
     assert [r["kind"] for r in records] == ["speed", "quality"] and records[0]["schema"] == 1
     assert records[1]["metrics"]["num_samples"] == 4 and (out / "samples").is_dir()
     assert main(["table", str(out)]) == 0
-    assert capsys.readouterr().out.strip() in printed  # the same table again, from the records
+    again = capsys.readouterr().out.strip()
+    assert again in printed and again == (out / "table.md").read_text().strip()  # the same table, from the records
+
+
+def test_out_of_tree_packages_register_through_entry_points(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import varbench.harness.registry as registry
+
+    eps = [EntryPoint("ext_var", "json:loads", "varbench.variants")]
+    monkeypatch.setattr(registry, "entry_points", lambda group: eps if group == "varbench.variants" else [])
+    reg = Registry("variant", "varbench.variants")
+    reg.add("builtin", "json:dumps")
+    assert reg.list() == ["builtin", "ext_var"] and reg.origin("ext_var") == "json:loads"  # not imported yet
+    assert reg.get("ext_var") is json.loads and reg.origin("ext_var").startswith("json:")
 
 
 def test_registry_rejects_duplicates_and_bad_names():
