@@ -19,7 +19,7 @@ from torch import Tensor
 from .loop import generate
 from .sampling import SampleConfig, guide
 
-__all__ = ["run_conformance"]
+__all__ = ["run_conformance", "fixture_kind", "TOL", "CUDA_LOGITS_TOL"]
 
 # fp32 tolerances (absolute) on CPU, from the fixture README; CUDA fp32 (TF32 off) gets LOOSE for logits.
 TOL = {"logits": 1e-4, "var_input": 1e-5, "image": 1e-5, "recon": 1e-4}
@@ -112,6 +112,17 @@ def _check_var_folder(folder: Path, meta: dict, device: torch.device) -> list[di
     return checks
 
 
+def fixture_kind(folder: Path, meta: dict) -> str | None:
+    """Which official code a fixture folder records: "var", "code" (drafter/refiner) or "hmar"."""
+    if "drafter" in meta:
+        return "code"
+    if any(folder.glob("hmar_d*.pth")):
+        return "hmar"
+    if {"depth", "vae_ch", "pn"} <= set(meta) and (folder / f"var_d{meta['depth']}.pth").is_file():
+        return "var"
+    return None
+
+
 def run_conformance(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
     """Replays every comparison of a fixture folder; returns {"folder", "device", "passed", "checks"}."""
     folder = Path(folder)
@@ -123,9 +134,18 @@ def run_conformance(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fixtures are fp32 without TF32
         torch.backends.cudnn.allow_tf32 = False
-    if {"depth", "vae_ch", "pn"} <= set(meta) and (folder / f"var_d{meta['depth']}.pth").is_file():
+    kind = fixture_kind(folder, meta)
+    if kind == "var":
         checks = _check_var_folder(folder, meta, dev)
+    elif kind == "code":
+        from .conformance_code import check_code_folder
+
+        checks = check_code_folder(folder, meta, dev)
+    elif kind == "hmar":
+        from .conformance_hmar import check_hmar_folder
+
+        checks = check_hmar_folder(folder, meta, dev)
     else:
-        raise ValueError(f"{folder}: unsupported fixture kind (supported: the VAR format of "
-                         "conformance/var_d2; CoDe and HMAR folders come with those variants)")
+        raise ValueError(f"{folder}: unsupported fixture kind (supported: the VAR format of conformance/var_d2, "
+                         "CoDe's code_d3_d2 and HMAR's hmar_d2)")
     return {"folder": str(folder), "device": str(dev), "passed": all(c["pass"] for c in checks), "checks": checks}

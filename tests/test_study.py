@@ -39,7 +39,7 @@ def test_every_measurement_is_one_record_with_provenance(finished):
     written = list(load_records(out))
     assert [(r["id"], r["config_hash"]) for r in written] == [(r["id"], r["config_hash"]) for r in records]
     for r in records:
-        assert r["schema"] == 1 and r["env"]["git_sha"] and "torch" in r["env"] and len(r["config_hash"]) == 12
+        assert r["schema"] == 1 and "git_sha" in r["env"] and r["env"]["torch"] and len(r["config_hash"]) == 12
         assert r["precision"] == "fp32" and r["seed"] == 0 and r["device"] == "cpu"
     speed = [r for r in records if r["kind"] == "speed"]
     assert len({r["config_hash"] for r in speed}) == 4 and {r["metrics"]["batch_size"] for r in speed} == {1, 2}
