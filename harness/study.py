@@ -80,6 +80,15 @@ def check_names(study: StudyConfig) -> None:
         KV_POLICIES.get(name)
     if study.baseline is not None and study.baseline not in study.variants:
         raise ValueError(f"baseline {study.baseline!r} is not one of the study's variants {list(study.variants)}")
+    q = study.quality
+    if q is not None and q.metrics:  # files the scoring needs: missing ones fail now, not after the sampling
+        from .extractors import resolve_weights
+
+        resolve_weights(q.extractor, q.extractor_weights)
+        if q.reference is None and q.metrics != ("isc",):
+            _reference_source(None)
+        if q.reference not in (None, "synthetic") and not Path(q.reference).exists():
+            raise FileNotFoundError(f"quality.reference {q.reference!r} does not exist")
 
 
 def resolve_device(device: str) -> str:
@@ -255,7 +264,8 @@ def _quality(run: _Run, cell: Cell, variant, bar) -> tuple[Path, dict[str, Any] 
     if run.rank != 0:
         return merged, None
     images, weights = _load_images(merged), getattr(variant, "weights", None)
-    reference = _reference(q, images.shape[1], run.device) if q.metrics else None
+    needs_reference = any(m != "isc" for m in q.metrics)
+    reference = _reference(q, images.shape[1], run.device) if needs_reference else None
     metrics = score(images, reference, q.metrics, q.extractor, q.extractor_weights, device=run.device,
                     bootstrap=q.bootstrap, seed=cell.config.seed) if q.metrics else {}
     provenance = {k: metrics.pop(k) for k in list(metrics) if isinstance(metrics[k], str)}
@@ -274,15 +284,19 @@ def _load_images(path: Path):
         return data["arr_0"]
 
 
-def _reference(q, size: int, device: str):
-    """The reference of a quality config; "synthetic" renders the project's data set at `size` px."""
-    from .quality import reference_stats
-
-    source = q.reference
+def _reference_source(source: str | None) -> str:
     if source is None:
         raise ValueError("quality.reference is not set: give an ADM reference batch .npz (e.g. "
                          "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion), an .npz or folder of "
                          "real images, or \"synthetic\" with the project's extractor")
+    return source
+
+
+def _reference(q, size: int, device: str):
+    """The reference of a quality config; "synthetic" renders the project's data set at `size` px."""
+    from .quality import reference_stats
+
+    source = _reference_source(q.reference)
     if source == "synthetic":
         from .synthetic import make_dataset, save_npz
 

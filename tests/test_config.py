@@ -81,3 +81,14 @@ def test_the_embedded_default_study_is_valid():
     study = load_study(default_study_path())
     check_names(study)
     assert study.device == "cpu" and study.quality.extractor == "varbench-cnn"
+
+
+def test_missing_scoring_files_fail_before_any_sampling(tmp_path, monkeypatch):
+    monkeypatch.delenv("VARBENCH_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth.*extractor_weights"):
+        check_names(parse_study({**BASE, "quality": {"reference": "synthetic"}}))
+    with pytest.raises(FileNotFoundError, match="quality.reference '/no/ref.npz' does not exist"):
+        check_names(parse_study({**BASE, "quality": {"extractor": "varbench-cnn", "reference": "/no/ref.npz"}}))
+    with pytest.raises(ValueError, match="quality.reference is not set"):
+        check_names(parse_study({**BASE, "quality": {"extractor": "varbench-cnn"}}))
