@@ -63,7 +63,8 @@ def bench_variant(variant, batch: int, sampling: SampleConfig = SampleConfig(), 
     total_ms, total_iqr = p50_iqr(totals)
     decode_ms, _ = p50_iqr(decodes)
     no_vae_ms, _ = p50_iqr([t - d for t, d in zip(totals, decodes)])
-    net_flops = flops_per_image(variant.cfg)
+    own_flops = getattr(variant, "flops_per_image", None)  # several models: the variant counts its own
+    net_flops = own_flops() if own_flops else flops_per_image(variant.cfg)
     vae_flops = vae_decode_flops(variant.vae.cfg, tuple(gen.state.f_hat.shape))
     images_per_s = batch / (total_ms / 1e3)
     peak_rate, peak_source = peak_flops(device, variant.dtype)
@@ -95,4 +96,20 @@ def bench_variant(variant, batch: int, sampling: SampleConfig = SampleConfig(), 
         "mfu": images_per_s * (net_flops + vae_flops) / peak_rate,
         "peak_flops": peak_rate,
         "peak_flops_source": peak_source,
-    }
+    } | _per_model(variant, per_scale, kv)
+
+
+# -- per-model reporting: variants made of several models (CoDe's drafter and refiner) ------------------
+def _per_model(variant, per_scale: list[list[float]], kv_per_scale: list[int]) -> dict[str, Any]:
+    """`latency_ms_per_model` (median over repeats of the summed scale regions each model ran, its
+    prefill included) and `memory_bytes_per_model` ({model: {"param_bytes", "kv_bytes"}}, kv_bytes the most
+    its cache held after any of its scales) for a variant with `stages()` and `models`; {} for one model."""
+    if not hasattr(variant, "stages"):
+        return {}
+    latency, memory = {}, {}
+    for name, scales in variant.stages():
+        latency[name] = p50_iqr([sum(row[si] for si in scales) for row in per_scale])[0]
+        params = variant.models[name].net.parameters()
+        memory[name] = {"param_bytes": sum(p.numel() * p.element_size() for p in params),
+                        "kv_bytes": max((kv_per_scale[si] for si in scales if si < len(kv_per_scale)), default=0)}
+    return {"latency_ms_per_model": latency, "memory_bytes_per_model": memory}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ContextManager, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -121,8 +121,8 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
         with timer(f"scale{step.si}"):
             out = variant.forward(state, step)
             gen = streams[step.stream]
-            for si, thrown_away in out.discard:
-                draw_tokens(thrown_away, sampling.at(si), gen, si / last)
+            for si, thrown_away in out.discard:  # plain draws: the official prefill never smooths them
+                draw_tokens(thrown_away, replace(sampling.at(si), more_smooth=False), gen, si / last)
             logits = guide(out.logits, sampling.cfg * step.cfg_ratio) if out.guided else out.logits
             draw = draw_tokens(logits, sampling.at(step.si), gen, step.si / last)
             variant.commit(state, step, draw)

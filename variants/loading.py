@@ -56,7 +56,7 @@ def load_var_net(source: str | os.PathLike, expect_depth: int | None = None,
     with torch.device("meta"):
         net = VARNet(cfg)
     load_strict(net, sd, str(path), f"VAR-d{cfg.depth}")
-    return net.eval()
+    return net.float().eval()  # loading assigns the file's tensors: an fp16 file would compute in fp16
 
 
 def load_vqvae(source: str | os.PathLike, allow_download: bool | None = None) -> VQVAE:

@@ -89,6 +89,8 @@ class VAR:
         if engine.channels_last_vae:
             self.vae.decoder.to(memory_format=torch.channels_last)
         self._static_cache: StaticKVCache | None = None
+        # Tokens the static cache is sized for; None = every scale. CoDe's drafter runs only its drafted scales.
+        self.kv_tokens: int | None = None
         self._lvl_pos: Tensor | None = None
         self._step_fn = self._network_step
         if engine.compile:  # one static-shape graph per scale (and per batch size): allow that many
@@ -156,14 +158,23 @@ class VAR:
     def _cache(self, batch2: int) -> StaticKVCache | ConcatKVCache:
         if not self.engine.static_kv_cache:
             return ConcatKVCache(self.cfg.depth)
+        capacity = self.kv_tokens or self.cfg.seq_len
         c = self._static_cache
-        if c is None or c.k.shape[1] != batch2:
+        if c is None or c.k.shape[1] != batch2 or c.capacity != capacity:
             self._static_cache = c = None  # free the old buffer before allocating the new one
-            c = StaticKVCache(self.cfg.depth, batch2, self.cfg.heads, self.cfg.seq_len,
+            c = StaticKVCache(self.cfg.depth, batch2, self.cfg.heads, capacity,
                               self.cfg.width // self.cfg.heads, self.dtype, self.device)
             self._static_cache, self._graphs = c, None
         c.reset()
         return c
+
+    def release_cache(self, state: VARState) -> None:
+        """Frees the KV cache of `state` and the buffer kept for the next call, as the official code's
+        kv_caching(False) does (CoDe drops the drafter's after drafting). With CUDA graphs the buffer stays:
+        the captured graphs replay reads and writes at its addresses."""
+        state.cache = ConcatKVCache(self.cfg.depth)  # empty: holds 0 bytes
+        if not self.engine.cuda_graphs:
+            self._static_cache = None
 
     def _level_pos(self) -> Tensor:
         if not self.engine.cache_conditioning:
