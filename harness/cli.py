@@ -3,6 +3,7 @@
     varbench run [STUDY.toml] [--set k=v] [--out DIR]  a study (default: the embedded one, on a CPU)
     varbench table RESULTS [--format md|csv]          the tables of recorded results
     varbench fit RESULTS|CSV --x COL --y COL [--floor] power-law fits with intervals
+    varbench reproduce TABLE [--measured RESULTS]     a published table beside our measurements (--list)
     varbench list [PATTERN]                           registered variants with parameter counts
     varbench bench [--variant NAME] [--batch N] ...   speed, memory, KV bytes, MFU as one JSON object
     varbench conformance DIR [--device cpu]           replay official reference outputs; exit 0 iff all pass
@@ -221,6 +222,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce, tables_overview
+
+    if args.list or not args.table:
+        print(tables_overview())
+        return 0
+    measured = None
+    if args.measured:
+        from .records import load_records
+
+        path = Path(args.measured)
+        if not path.exists():
+            raise FileNotFoundError(f"no records at {str(path)!r}")
+        measured = list(load_records(path))
+    print(reproduce(args.table, measured))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="varbench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -247,6 +266,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.add_argument("--plot", help="write a log-log plot with the fit and its band to this file")
     f.set_defaults(fn=_cmd_fit)
+
+    r = sub.add_parser("reproduce", help="a published table beside our measurements")
+    r.add_argument("table", nargs="?", help="table id (see --list)")
+    r.add_argument("--measured", help="records .jsonl or folder to put beside the published values")
+    r.add_argument("--list", action="store_true", help="list the published tables")
+    r.set_defaults(fn=_cmd_reproduce)
 
     ls = sub.add_parser("list", help="list registered variants")
     ls.add_argument("pattern", nargs="?", default="*")

@@ -13,6 +13,7 @@ Every record carries the cell, its config hash and the environment. A rerun skip
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -59,14 +60,26 @@ class Cell:
         return " ".join([self.variant, self.kv_policy, *extra])
 
 
+def _touches(key: str, variant: str, policy: str) -> bool:
+    """Whether a sweep axis can change a cell: variant_args.X.* only touches variant X, kv_args.P.* policy P."""
+    section, _, rest = key.partition(".")
+    owner = rest.partition(".")[0]
+    return not ((section == "variant_args" and owner != variant) or (section == "kv_args" and owner != policy))
+
+
 def plan(study: StudyConfig) -> list[Cell]:
-    """Every cell of the study, in a stable order."""
-    cells = []
+    """Every distinct cell of the study, in a stable order. A sweep axis that cannot change a cell (another
+    variant's or policy's arguments) is left out of its point, so that cell is measured once, not per value."""
+    cells, seen = [], set()
     for point in sweep_points(study):
         config = at_point(study, point)
         for variant in study.variants:
             for policy in study.kv_policies:
-                cells.append(Cell(variant, policy, point, config))
+                own = {k: v for k, v in point.items() if _touches(k, variant, policy)}
+                key = (variant, policy, json.dumps(own, sort_keys=True, default=str))
+                if key not in seen:
+                    seen.add(key)
+                    cells.append(Cell(variant, policy, own, config))
     return cells
 
 
@@ -144,6 +157,7 @@ class _Run:
         rec = {"schema": SCHEMA, "id": f"{self.run_id}/{self.count}", "kind": kind, "study": self.study.study,
                "cell": cell.describe(), "label": cell.label, "config_hash": chash,
                "precision": _precision(cell.config, self.device), "seed": cell.config.seed,
+               "sample": to_dict(cell.config.sample), "engine": to_dict(cell.config.engine),
                "device": self.device, "metrics": metrics, **extra, "env": self.env,
                "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
                "duration_s": round(time.time() - started, 3)}

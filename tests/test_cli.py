@@ -78,3 +78,15 @@ def test_registry_rejects_duplicates_and_bad_names():
     assert reg.get("lazy_one") is json.dumps and reg.list("a*") == ["alpha"]
     with pytest.raises(KeyError, match="Did you mean: alpha"):
         reg.get("alpah")
+
+
+def test_reproduce_lists_tables_and_prints_one_with_tags(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    listing = capsys.readouterr().out
+    for table in ("var_zoo", "code_table1", "hmar_table1", "hack_var_d30", "scalekv_infinity"):
+        assert table in listing
+    assert main(["reproduce", "code_table1"]) == 0
+    out = capsys.readouterr().out
+    assert "CoDe N=8" in out and "2.11 [paper]" in out and "0.58" in out  # latency 2.11 s / VAR-d30's 3.62 s
+    assert main(["reproduce", "code_tabel1"]) == 2
+    assert "Did you mean 'code_table1'" in capsys.readouterr().err

@@ -64,6 +64,12 @@ def test_sweeps_expand_to_a_cartesian_plan_with_the_point_applied():
     assert len(cells) == 12 and cells[0].variant == "test_var" and cells[1].variant == "var_d16"
     assert {c.config.sample.cfg for c in cells} == {1.0, 2.0}
     assert cells[-1].kv_args == {"unused": 3} and cells[-1].label == "var_d16 full sample.cfg=2.0 kv_args.full.unused=3"
+    # an axis of another variant's arguments does not multiply this variant's cells
+    study = parse_study({**BASE, "variants": ["test_var", "var_d16"],
+                         "sweep": {"variant_args.var_d16.seed": [1, 2, 3]}})
+    labels = [c.label for c in plan(study)]
+    assert labels == ["test_var full", "var_d16 full variant_args.var_d16.seed=1",
+                      "var_d16 full variant_args.var_d16.seed=2", "var_d16 full variant_args.var_d16.seed=3"]
     with pytest.raises(ValueError, match="unknown key 'sample.cgf'"):
         parse_study({**BASE, "sweep": {"sample.cgf": [1.0]}})
 
