@@ -48,3 +48,30 @@ def plot_fit(x: Any, y: Any, fit, floor=None, path: str | Path = "fit.png", xlab
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (x higher is better, y lower is better),
+    sorted by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 >= x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell label joining its speed (largest batch) and quality records: what a frontier plots."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        label, m = r.get("label"), r.get("metrics", {})
+        if label is None:
+            continue
+        row = rows.setdefault(label, {"cell": label})
+        if r.get("kind") == "speed" and m.get("batch_size", 0) >= row.get("batch_size", 0):
+            row.update(batch_size=m.get("batch_size"), images_per_s=m.get("images_per_s"),
+                       peak_memory_bytes=m.get("peak_memory_bytes"), kv_bytes=m.get("kv_bytes"),
+                       params=m.get("params"))
+        elif r.get("kind") == "quality":
+            row.update(fid=m.get("fid"), fid_ci95=m.get("fid_ci95"))
+        elif r.get("kind") == "consistency":
+            row.update(psnr_db=m.get("psnr_db"), ssim=m.get("ssim"))
+    return list(rows.values())
