@@ -69,12 +69,17 @@ def _touches(key: str, variant: str, policy: str) -> bool:
 
 def plan(study: StudyConfig) -> list[Cell]:
     """Every distinct cell of the study, in a stable order. A sweep axis that cannot change a cell (another
-    variant's or policy's arguments) is left out of its point, so that cell is measured once, not per value."""
+    variant's or policy's arguments) is left out of its point, so that cell is measured once, not per value;
+    a variant without a KV cache (factory attribute `has_kv_cache = False`, e.g. HMAR) runs with the first
+    policy only."""
+    import varbench.variants  # noqa: F401  (registers the built-in variants)
+
     cells, seen = [], set()
     for point in sweep_points(study):
         config = at_point(study, point)
         for variant in study.variants:
-            for policy in study.kv_policies:
+            cached = variant not in VARIANTS or getattr(VARIANTS.get(variant), "has_kv_cache", True)
+            for policy in study.kv_policies if cached else study.kv_policies[:1]:  # no cache: one policy
                 own = {k: v for k, v in point.items() if _touches(k, variant, policy)}
                 key = (variant, policy, json.dumps(own, sort_keys=True, default=str))
                 if key not in seen:

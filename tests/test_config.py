@@ -98,3 +98,8 @@ def test_missing_scoring_files_fail_before_any_sampling(tmp_path, monkeypatch):
         check_names(parse_study({**BASE, "quality": {"extractor": "varbench-cnn", "reference": "/no/ref.npz"}}))
     with pytest.raises(ValueError, match="quality.reference is not set"):
         check_names(parse_study({**BASE, "quality": {"extractor": "varbench-cnn"}}))
+
+
+def test_a_variant_without_kv_cache_runs_with_one_policy_only():
+    study = parse_study({**BASE, "variants": ["test_var", "test_hmar"], "kv_policies": ["full", "streaming"]})
+    assert [c.label for c in plan(study)] == ["test_var full", "test_var streaming", "test_hmar full"]

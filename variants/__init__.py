@@ -5,6 +5,7 @@ Importing this package registers the built-in variants in `varbench.harness.VARI
 
 from . import kv_policies, var  # noqa: F401  (registers var_d16 … var_d36, test_var, and KV policies)
 from . import code  # noqa: F401  (registers code_d30_d16 and test_code)
+from . import hmar  # noqa: F401  (registers hmar_d16 … hmar_d30 and test_hmar)
 from .var import VAR, EngineConfig, build_var
 
 __all__ = ["VAR", "EngineConfig", "build_var", "describe"]
@@ -21,5 +22,6 @@ def describe(name: str) -> dict:
     cfgs = cfg if isinstance(cfg, tuple) else (cfg,) if cfg else ()  # a tuple: several models (CoDe)
     family = name.removeprefix("test_").split("_")[0]
     doc = (factory.__doc__ or "").strip().splitlines()
-    return {"name": name, "family": family, "params": f"{sum(map(param_count, cfgs)):,}" if cfgs else "?",
+    count = getattr(factory, "param_count", param_count)  # a family with its own architecture counts itself
+    return {"name": name, "family": family, "params": f"{sum(map(count, cfgs)):,}" if cfgs else "?",
             "description": doc[0] if doc else "", "defined in": VARIANTS.origin(name)}
