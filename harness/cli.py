@@ -4,6 +4,7 @@
     varbench table RESULTS [--format md|csv]          the tables of recorded results
     varbench fit RESULTS|CSV --x COL --y COL [--floor] power-law fits with intervals
     varbench reproduce TABLE [--measured RESULTS]     a published table beside our measurements (--list)
+    varbench train {vqvae,var,classifier} --out DIR   train a small model on the synthetic data set
     varbench list [PATTERN]                           registered variants with parameter counts
     varbench bench [--variant NAME] [--batch N] ...   speed, memory, KV bytes, MFU as one JSON object
     varbench conformance DIR [--device cpu]           replay official reference outputs; exit 0 iff all pass
@@ -273,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--list", action="store_true", help="list the published tables")
     r.set_defaults(fn=_cmd_reproduce)
 
+    sub.add_parser("train", help="train a small model on the synthetic data set: varbench train --help")
+
     ls = sub.add_parser("list", help="list registered variants")
     ls.add_argument("pattern", nargs="?", default="*")
     ls.set_defaults(fn=_cmd_list)
@@ -309,6 +312,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer owns its flags (and --help)
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = _parser().parse_args(argv)
     from .checkpoints import CheckpointError
 
