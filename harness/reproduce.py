@@ -77,9 +77,17 @@ _MEASURE_KEYS = {"variant", "kv_policy", "variant_args", "kv_args", "sweep", "qu
 
 # --- the published data ----------------------------------------------------------------------------------------
 def published_dir() -> Path:
-    """results/published of this checkout, or $VARBENCH_PUBLISHED."""
+    """The published tables: $VARBENCH_PUBLISHED, else results/published as installed with the package
+    (`varbench.published`, so a non-editable install has them too)."""
     env = os.environ.get("VARBENCH_PUBLISHED")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "results" / "published"
+    if env:
+        return Path(env)
+    from importlib.util import find_spec
+
+    spec = find_spec("varbench.published")  # a data-only namespace package: its folder is the location
+    locations = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    found = next((p for p in locations if (p / "index.toml").is_file()), None)
+    return found or Path(__file__).resolve().parent.parent / "results" / "published"
 
 
 def _index() -> dict[str, Any]:
