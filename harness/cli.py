@@ -57,11 +57,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from varbench.variants.var import EngineConfig, build_var
 
     name = args.variant or (f"var_d{args.depth}" if args.depth else "test_var")
+    policy = None  # --kv-policy NAME --kv-args JSON; neither: the variant's own cache
+    if args.kv_policy is not None or args.kv_args is not None:
+        import varbench.variants  # noqa: F401  (registers the KV policies)
+
+        from .registry import KV_POLICIES
+
+        try:
+            kv_args = json.loads(args.kv_args or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--kv-args is not JSON ({err}); e.g. --kv-args '{{\"budget\": 0.1}}'") from None
+        if not isinstance(kv_args, dict):
+            raise ValueError(f"--kv-args must be a JSON object such as '{{\"budget\": 0.1}}', got {args.kv_args}")
+        policy = KV_POLICIES.get(args.kv_policy or "full")(**kv_args)
 
     def build(engine: EngineConfig):
         kwargs = {"engine": engine, "device": args.device, "weights": args.weights}
         if args.weights == "random" and args.vae_ch:
             kwargs["vae_ch"] = args.vae_ch
+        if policy is not None:
+            kwargs["kv_policy"] = policy
         if args.depth and not args.variant and name not in VARIANTS:  # any depth, 256 px layout
             return build_var(args.depth, **kwargs)
         return create_variant(name, **kwargs)
@@ -71,6 +86,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         engine = EngineConfig(args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
     result = bench_variant(build(engine), args.batch, _sampling(args), args.warmup, args.repeats)
+    if policy is not None:  # name, arguments as given and resolved, unverified settings, calibration source
+        result |= policy.record() | {"kv_args_given": kv_args}
     if args.vs_reference:
         ref = bench_variant(build(EngineConfig.reference(args.precision)), args.batch, _sampling(args),
                             args.warmup, args.repeats)
@@ -298,6 +315,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cfg", type=float, default=1.5)
     b.add_argument("--top-k", type=int, default=900)
     b.add_argument("--top-p", type=float, default=0.96)
+    b.add_argument("--kv-policy", help="KV-cache policy: full, streaming, h2o, snapkv, pyramidkv, scalekv, hack")
+    b.add_argument("--kv-args", help='JSON object of the policy\'s arguments, e.g. \'{"budget": 0.1}\'')
     b.set_defaults(fn=_cmd_bench)
 
     c = sub.add_parser("conformance", help="replay a conformance fixture folder")

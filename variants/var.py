@@ -64,18 +64,24 @@ class VARState:
     mods: list[Modulation] | None = None  # cached AdaLN outputs (engine)
     head_mod: tuple[Tensor, Tensor] | None = None
     tokens: list[Tensor] = field(default_factory=list)
-    kv_bytes: list[int] = field(default_factory=list)  # bytes the cache holds after each scale
+    kv_bytes: list[int] = field(default_factory=list)  # bytes the cache holds for later scales after each scale
+    kv_bytes_current: list[int] = field(default_factory=list)  # bytes of each scale's own keys and values
 
 
 class VAR:
     """A VAR transformer + VQVAE behind the loop's hooks. Subclasses (CoDe, KV policies) override hooks."""
 
     def __init__(self, net: VARNet, vae: VQVAE, engine: EngineConfig = EngineConfig(),
-                 device: str | torch.device = "cpu", name: str = "var"):
+                 device: str | torch.device = "cpu", name: str = "var", kv_policy=None):
         self.name, self.engine, self.device = name, engine, torch.device(device)
         self.weights = "modules given by the caller"  # build_var names the checkpoint (or random seed)
         if engine.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
+        # None or `full`: the static cache. A compressing policy (variants/kv_policies.py) sizes the cache to its
+        # budget and evicts after each scale; the Python-side lengths it keeps cannot live in a CUDA graph.
+        if getattr(kv_policy, "compresses", False) and engine.cuda_graphs:
+            raise ValueError(f"KV policy {kv_policy.name!r} evicts per scale; it cannot run with cuda_graphs")
+        self.kv_policy = kv_policy
         self.dtype = DTYPES[engine.precision]
         self.net, self.vae = net.to(self.device).eval(), vae.to(self.device).eval()
         self.cfg: VARConfig = net.cfg
@@ -135,6 +141,7 @@ class VAR:
             nxt = self.vae.next_input(si, self.patch_nums, state.f_hat, h)
             state.tokens.append(draw.tokens)
             state.kv_bytes.append(state.cache.nbytes())
+            state.kv_bytes_current.append(state.cache.current_nbytes())
             if si < len(self.patch_nums) - 1:
                 state.x = self.net.embed_input(nxt, si + 1, state.lvl_pos).repeat(2, 1, 1)
 
@@ -156,11 +163,14 @@ class VAR:
         return self.net.logits(self.net.run_blocks(x, mods, cache), head)
 
     def _cache(self, batch2: int) -> StaticKVCache | ConcatKVCache:
+        if getattr(self.kv_policy, "compresses", False):  # budget-sized buffers, compacted in place per scale
+            self._static_cache = self.kv_policy.cache(self, batch2, self._static_cache)
+            return self._static_cache
         if not self.engine.static_kv_cache:
             return ConcatKVCache(self.cfg.depth)
         capacity = self.kv_tokens or self.cfg.seq_len
         c = self._static_cache
-        if c is None or c.k.shape[1] != batch2 or c.capacity != capacity:
+        if not isinstance(c, StaticKVCache) or c.k.shape[1] != batch2 or c.capacity != capacity:
             self._static_cache = c = None  # free the old buffer before allocating the new one
             c = StaticKVCache(self.cfg.depth, batch2, self.cfg.heads, capacity,
                               self.cfg.width // self.cfg.heads, self.dtype, self.device)
@@ -261,7 +271,7 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
         vae: VQVAE source; None = the official vae_ch160v4096z32 (random with random weights).
         patch_nums: scale schedule (default: the 256 px one, or read from the checkpoint).
         shared_aln, vae_ch: architecture of random models.
-        kv_policy: a KV-cache policy from `KV_POLICIES` (None or `full` keeps every entry).
+        kv_policy: a KV-cache policy object from `KV_POLICIES` (None or `full` keeps every entry).
     """
     if weights == "random":
         cfg = VARConfig(depth=depth, shared_aln=shared_aln, patch_nums=tuple(patch_nums or PATCH_NUMS[680]))
@@ -272,10 +282,12 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
         vae_model = random_vqvae(VQVAEConfig(ch=vae_ch), seed)
     else:
         vae_model = load_vqvae(vae or "vae", allow_download)
-    if kv_policy is not None and getattr(kv_policy, "name", None) != "full":
-        raise ValueError(f"VAR does not support KV policy {kv_policy.name!r} yet; supported: full")
-    variant = VAR(net, vae_model, engine, device, name or f"var_d{depth}")
+    if kv_policy is not None and not hasattr(kv_policy, "prepare"):
+        raise ValueError(f"{kv_policy!r} is not a KV policy: build one with KV_POLICIES.get(name)(**args)")
+    variant = VAR(net, vae_model, engine, device, name or f"var_d{depth}", kv_policy)
     variant.weights = f"random (seed {seed})" if weights == "random" else str(weights or f"var_d{depth}")
+    if kv_policy is not None:
+        kv_policy.prepare(variant)  # offline calibration (ScaleKV, HACK) of this model, unless loaded
     return variant
 
 

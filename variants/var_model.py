@@ -101,11 +101,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache=None, layer: int = 0, mask: Tensor | None = None) -> Tensor:
         q, k, v = self.qkv(x)
-        if cache is not None:  # keys/values of this scale join those of coarser scales
-            k, v = cache.update(layer, k, v)
-        if mask is not None:
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # softmax scale is in q
+        if hasattr(cache, "attend"):  # a compressing KV policy's cache attends, then scores and evicts keys
+            out = cache.attend(layer, q, k, v, mask, x, self)
+        else:
+            if cache is not None:  # keys/values of this scale join those of coarser scales
+                k, v = cache.update(layer, k, v)
+            if mask is not None:
+                mask = mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # softmax scale is in q
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
