@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from varbench.kernels import block_sparse_attention, markov_ranges
 from varbench.kernels.reference import allowed_mask
 
-from .var_model import PATCH_NUMS, Block, Modulation, _layer_norm
+from .var_model import PATCH_NUMS, Block, Modulation, _layer_norm, scale_index
 
 __all__ = ["HMARConfig", "HMARNet", "HMARModulations", "ATTN_IMPLS", "markov_attention", "param_count",
            "param_count_closed_form", "init_random_hmar_"]
@@ -134,7 +134,7 @@ class HMARNet(nn.Module):
         self.pos_start = nn.Parameter(torch.zeros(1, 1, c))
         self.pos_1LC = nn.Parameter(torch.zeros(1, n, c))
         self.word_embed_bias = nn.Parameter(torch.zeros(c))  # word_embed has no bias of its own (§2.3)
-        lvl = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(cfg.patch_nums)]).view(1, n)
+        lvl = scale_index(cfg.patch_nums)
         self.register_buffer("lvl_1L", lvl)
         # Block-DIAGONAL (unlike VAR's block-causal buffer): kept for strict loading; markov_attention is what runs.
         mask = torch.where(lvl.view(n, 1) == lvl.view(1, n), 0.0, -torch.inf).view(1, 1, n, n)

@@ -150,6 +150,11 @@ class Block(nn.Module):
         return x + self.ffn(_layer_norm(x).mul(s2).add_(b2)).mul(g2)
 
 
+def scale_index(patch_nums: tuple[int, ...]) -> Tensor:
+    """(1, L) int64: the scale each token position belongs to (the `lvl_1L` buffer of VAR-family nets)."""
+    return torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)]).view(1, -1)
+
+
 class VARNet(nn.Module):
     """Class-conditional next-scale transformer: embeddings, blocks, AdaLN head."""
 
@@ -159,7 +164,7 @@ class VARNet(nn.Module):
         c, n = cfg.width, cfg.seq_len
         self.pos_start = nn.Parameter(torch.zeros(1, 1, c))
         self.pos_1LC = nn.Parameter(torch.zeros(1, n, c))
-        lvl = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(cfg.patch_nums)]).view(1, n)
+        lvl = scale_index(cfg.patch_nums)
         self.register_buffer("lvl_1L", lvl)
         # Block-causal mask: a token sees every token of its own and coarser scales (teacher forcing only).
         mask = torch.where(lvl.view(n, 1) >= lvl.view(1, n), 0.0, -torch.inf).view(1, 1, n, n)
