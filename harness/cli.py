@@ -5,6 +5,7 @@
     varbench fit RESULTS|CSV --x COL --y COL [--floor] power-law fits with intervals
     varbench reproduce TABLE [--measured RESULTS]     a published table beside our measurements (--list)
     varbench train {vqvae,var,classifier} --out DIR   train a small model on the synthetic data set
+    varbench train zoo --out DIR --export             retrain the shipped zoo from scratch (~75 min, 2 CPUs)
     varbench list [PATTERN]                           registered variants with parameter counts
     varbench bench [--variant NAME] [--batch N] ...   speed, memory, KV bytes, MFU as one JSON object
     varbench conformance DIR [--device cpu]           replay official reference outputs; exit 0 iff all pass
@@ -141,8 +142,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"varbench run: {what} on {resolve_device(study.device)} -> {out}")
         print(f"  variants: {', '.join(study.variants)}; KV policies: {', '.join(study.kv_policies)}")
         if embedded:
-            print("  weights: random (test_var, seed 0): no trained small model is built in yet, so its images "
-                  "are noise and its quality numbers show the machinery, not a model")
+            from varbench.variants.zoo import manifest, zoo_dir
+
+            doc = manifest()
+            print(f"  weights: the trained zoo ({zoo_dir()}, trained at git {doc['git_sha']}, "
+                  f"{len(doc['models'])} models); extractor weights: the zoo classifier")
         if study.quality is not None:
             print(f"  quality: {study.quality.num_samples} samples, extractor {study.quality.extractor!r}, "
                   f"reference {study.quality.reference!r}")
@@ -332,6 +336,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["train", "zoo"]:  # the whole zoo: both training phases, then the fp16 export
+        from .zoo_build import main as zoo_main
+
+        return zoo_main(argv[2:])
     if argv[:1] == ["train"]:  # the trainer owns its flags (and --help)
         from .train import main as train_main
 

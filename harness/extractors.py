@@ -3,9 +3,10 @@
 Two extractors:
 - "inception-v3-compat": torch-fidelity's port of TF Inception 2015-12-05 (the ADM evaluator's network). Its
   weights file must be on disk; `inception_weights` finds it or raises, so torch-fidelity never downloads.
-- "varbench-cnn": the project's small CNN (`ProjectCNN`), registered with torch-fidelity here. Without a
-  weights file it is a deterministic Kaiming init from a fixed seed (the same features on every machine) and
-  is named "untrained" in every record (`project_extractor_name`).
+- "varbench-cnn": the project's small CNN (`ProjectCNN`), registered with torch-fidelity here. Its default
+  weights are the zoo's classifier, trained on the project's synthetic data set (variants/zoo/classifier.pt,
+  held-out accuracy in the zoo manifest). `weights="random"` gives a deterministic Kaiming init from a fixed
+  seed instead (the same features on every machine), named "untrained" in every record.
 
 `extract_features` turns uint8 NHWC images into {layer: N×D float tensor} for the pool layer (fid/kid/prc)
 and the bias-free logits (isc).
@@ -30,7 +31,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 __all__ = ["INCEPTION", "PROJECT_CNN", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "ProjectCNN",
-           "inception_weights", "project_extractor_name", "describe_extractor", "resolve_weights",
+           "inception_weights", "project_extractor_name", "weights_sha256", "RANDOM_INIT", "describe_extractor", "resolve_weights",
            "feature_layers", "extract_features", "file_sha256", "check_images", "PROJECT_CNN_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/down
                          + INCEPTION_WEIGHTS_FILE)
 INCEPTION_ENV = "VARBENCH_INCEPTION_WEIGHTS"
 PROJECT_SEED = 0
+RANDOM_INIT = "random"  # extractor_weights value for the untrained ProjectCNN (seeded init)
 PROJECT_CNN_VERSION = 1  # bump when ProjectCNN's layers, preprocessing or seeded init change: keys the caches
 PROJECT_RESOLUTION = 64
 
@@ -139,8 +141,8 @@ class ProjectCNN(nn.Module):
 
     @classmethod
     def load(cls, weights: str | None) -> ProjectCNN:
-        """From a state dict file (num_classes read from the head), or the seeded random init if None."""
-        if weights is None:
+        """From a state dict file (num_classes read from the head), or the seeded random init (None, "random")."""
+        if weights is None or weights == RANDOM_INIT:
             return cls().reset_parameters_deterministic()
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model = cls(num_classes=state["head.weight"].shape[0])
@@ -183,19 +185,43 @@ if PROJECT_CNN not in FEATURE_EXTRACTORS_REGISTRY:  # registration is global and
     torch_fidelity.register_feature_extractor(PROJECT_CNN, ProjectCNNFeatureExtractor)
 
 
+def weights_sha256(weights: str | None) -> str | None:
+    """sha256 of a resolved weights file; None for the project CNN's random init."""
+    return None if weights is None or weights == RANDOM_INIT else file_sha256(weights)
+
+
 def project_extractor_name(weights: str | None) -> str:
-    """Descriptive name for records: says whether the project CNN is the untrained seeded init."""
-    if weights is None:
+    """Descriptive name for records: says whether the project CNN is the zoo's trained classifier or untrained."""
+    sha = weights_sha256(weights)
+    if sha is None:
         return f"{PROJECT_CNN} (random init, seed {PROJECT_SEED}: untrained)"
-    return f"{PROJECT_CNN} (weights sha256 {file_sha256(weights)[:12]})"
+    from varbench.variants.zoo import manifest, zoo_dir
+
+    with contextlib.suppress(OSError, KeyError, ValueError):
+        entry = manifest()["models"]["classifier"]
+        if Path(weights).resolve() == (zoo_dir() / entry["file"]).resolve() and entry["sha256"] == sha:
+            acc = entry["heldout"].get("heldout_acc")
+            return f"{PROJECT_CNN} (zoo classifier, held-out accuracy {acc:.3f}, sha256 {sha[:12]})"
+    return f"{PROJECT_CNN} (weights sha256 {sha[:12]})"
 
 
 def resolve_weights(extractor: str, weights: str | None) -> str | None:
-    """The weights file an extractor will load: Inception's is required (never downloaded), the CNN's optional."""
+    """The weights an extractor will load: Inception's file is required (never downloaded); the project CNN's
+    default (None) is the zoo classifier, and "random" stays "random" (the untrained seeded init)."""
     if extractor == INCEPTION:
         return inception_weights(weights)
     if extractor == PROJECT_CNN:
-        if weights is not None and not Path(weights).is_file():
+        if weights == RANDOM_INIT:
+            return weights
+        if weights is None:
+            from varbench.variants.zoo import ZooError, zoo_file
+
+            try:
+                return zoo_file("classifier")
+            except ZooError as err:
+                raise FileNotFoundError(f"{err}; or score with the untrained {PROJECT_CNN}: "
+                                        f"--set quality.extractor_weights=random") from None
+        if not Path(weights).is_file():
             raise FileNotFoundError(f"{PROJECT_CNN} weights file {weights} does not exist")
         return weights
     raise ValueError(f"unknown feature extractor {extractor!r}: use {INCEPTION!r} or {PROJECT_CNN!r}")
@@ -263,7 +289,7 @@ def extract_features(images: np.ndarray, extractor: str, weights: str | None, de
     weights = resolve_weights(extractor, weights)
     layers = feature_layers(extractor)
     wanted = tuple(dict.fromkeys((layers["fid"], layers["isc"])))
-    fe = _extractor(extractor, weights, file_sha256(weights) if weights else None, wanted, str(device))
+    fe = _extractor(extractor, weights, weights_sha256(weights), wanted, str(device))
     cuda = torch.device(device).type == "cuda"
     with torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext():
         feats = get_featuresdict_from_dataset(_ImageDataset(images), fe, batch_size, cuda, True, False)

@@ -36,7 +36,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from .extractors import (INCEPTION, PROJECT_CNN, PROJECT_CNN_VERSION, check_images, describe_extractor,
-                         extract_features, feature_layers, file_sha256, resolve_weights)
+                         extract_features, feature_layers, file_sha256, resolve_weights, weights_sha256)
 
 __all__ = ["Reference", "reference_stats", "reference_from_images", "score", "QUALITY_METRIC_NAMES"]
 
@@ -71,7 +71,7 @@ def _hash(*parts: str) -> str:
 
 
 def _extractor_identity(extractor: str, weights: str | None) -> str:
-    return _hash(extractor, file_sha256(weights) if weights else "random-init",
+    return _hash(extractor, weights_sha256(weights) or "random-init",
                  f"varbench-cnn v{PROJECT_CNN_VERSION}" if extractor == PROJECT_CNN else "",
                  torch_fidelity.__version__)
 
@@ -315,7 +315,7 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
         out[f"{k}_ci95"] = _interval(draws[k], out[k]) if bootstrap > 0 else None
 
     out.update(num_samples=n, num_reference=m, extractor=name,
-               extractor_weights_sha256=file_sha256(weights) if weights else None,
+               extractor_weights_sha256=weights_sha256(weights),
                reference=reference.source if reference is not None else None,
                reference_stats_sha=reference.sha256 if reference is not None else None,
                bootstrap=bootstrap, seed=seed, settings=settings)

@@ -37,11 +37,13 @@ def test_run_writes_records_and_prints_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     small = ["--set", "quality.num_samples=4", "--set", "quality.block_size=2", "--set", "speed.repeats=1",
-             "--set", "sweep={}", "--set", "quality.metrics=['fid']"]
+             "--set", "speed.batch_sizes=[2]", "--set", "kv_policies=['full']", "--set", "baseline='var_zoo_d2'",
+             "--set", "quality.metrics=['fid']", "--variants", "var_zoo_d2"]
     assert main(["run", "--out", str(out), *small]) == 0
     printed = capsys.readouterr().out
-    assert "the embedded default study" in printed and "random" in printed and "varbench-cnn" in printed
-    assert "img/s ↑" in printed and "FID ↓" in printed and "test_var" in printed and "- git:" in printed
+    assert "the embedded default study" in printed and "the trained zoo" in printed and "varbench-cnn" in printed
+    assert "img/s ↑" in printed and "FID ↓" in printed and "var_zoo_d2" in printed and "- git:" in printed
+    assert "zoo classifier, held-out accuracy" in printed  # the table's provenance names the extractor's weights
     records = list(load_records(out))
     assert [r["kind"] for r in records] == ["speed", "quality"] and records[0]["schema"] == 1
     assert records[1]["metrics"]["num_samples"] == 4 and (out / "samples").is_dir()

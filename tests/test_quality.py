@@ -16,6 +16,7 @@ from varbench.harness import quality as q
 from varbench.harness.quality import reference_from_images, reference_stats, score
 
 CNN = ex.PROJECT_CNN
+W = ex.RANDOM_INIT  # the untrained seeded init: these tests compare maths, not the zoo classifier
 
 
 def _images(n: int, seed: int, size: int = 32, dark: float = 1.0) -> np.ndarray:
@@ -51,11 +52,11 @@ def sets() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def ref_b(sets) -> q.Reference:
-    return reference_from_images(sets["b"], "b", CNN, None)
+    return reference_from_images(sets["b"], "b", CNN, W)
 
 
 def test_score_matches_calculate_metrics(sets, ref_b) -> None:
-    out = score(sets["a"], ref_b, ["fid", "kid", "isc", "prc"], CNN, None, bootstrap=0)
+    out = score(sets["a"], ref_b, ["fid", "kid", "isc", "prc"], CNN, W, bootstrap=0)
     tf = _tf(sets["a"], sets["b"], fid=True, kid=True, isc=True, prc=True, feature_extractor=CNN,
              kid_subset_size=64, kid_subsets=100, isc_splits=10)
     pairs = {"fid": "frechet_inception_distance", "kid_mean": "kernel_inception_distance_mean",
@@ -73,7 +74,7 @@ def test_score_matches_calculate_metrics(sets, ref_b) -> None:
 
 def test_small_sets_use_smaller_kid_subsets_and_isc_splits(sets, ref_b) -> None:
     a = sets["a"][:9]
-    out = score(a, ref_b, ["kid", "isc"], CNN, None, bootstrap=0)
+    out = score(a, ref_b, ["kid", "isc"], CNN, W, bootstrap=0)
     tf = _tf(a, sets["b"], kid=True, isc=True, feature_extractor=CNN, kid_subset_size=9, isc_splits=4)
     assert out["settings"]["kid_subset_size"] == 9 and out["settings"]["isc_splits"] == 4
     assert out["kid_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-6)
@@ -81,28 +82,28 @@ def test_small_sets_use_smaller_kid_subsets_and_isc_splits(sets, ref_b) -> None:
 
 
 def test_fid_properties(sets, ref_b) -> None:
-    same = score(sets["b"], ref_b, ["fid"], CNN, None, bootstrap=0)["fid"]
-    other = score(sets["a"], ref_b, ["fid"], CNN, None, bootstrap=0)["fid"]
-    dark = score(sets["dark"], ref_b, ["fid"], CNN, None, bootstrap=0)["fid"]
+    same = score(sets["b"], ref_b, ["fid"], CNN, W, bootstrap=0)["fid"]
+    other = score(sets["a"], ref_b, ["fid"], CNN, W, bootstrap=0)["fid"]
+    dark = score(sets["dark"], ref_b, ["fid"], CNN, W, bootstrap=0)["fid"]
     assert abs(same) < 1e-5 and abs(same) < 1e-3 * other  # eigenvalue round-off: -3e-7 seen
     assert dark > 10 * other > 0
 
 
 def test_bootstrap_interval_and_seed(sets, ref_b) -> None:
-    out = score(sets["dark"], ref_b, ["fid", "isc"], CNN, None, bootstrap=25, seed=3)
+    out = score(sets["dark"], ref_b, ["fid", "isc"], CNN, W, bootstrap=25, seed=3)
     lo, hi = out["fid_ci95"]
     assert lo <= out["fid"] <= hi and lo < hi
     assert out["isc_mean_ci95"][0] < out["isc_mean_ci95"][1]
-    again = score(sets["dark"], ref_b, ["fid", "isc"], CNN, None, bootstrap=25, seed=3)
+    again = score(sets["dark"], ref_b, ["fid", "isc"], CNN, W, bootstrap=25, seed=3)
     assert again["fid_ci95"] == out["fid_ci95"] and again["isc_mean_ci95"] == out["isc_mean_ci95"]
-    assert score(sets["dark"], ref_b, ["isc"], CNN, None, bootstrap=25, seed=4)["isc_mean_ci95"] != \
+    assert score(sets["dark"], ref_b, ["isc"], CNN, W, bootstrap=25, seed=4)["isc_mean_ci95"] != \
         out["isc_mean_ci95"]
 
 
 def test_intervals_contain_the_estimate_even_at_tiny_n(ref_b) -> None:
     # With 8 samples, duplicates in each resample bias FID and KID upward so far that plain percentiles miss
     # the point estimate; the bias-corrected interval is centred on it.
-    out = score(_images(8, 5), ref_b, ["fid", "kid"], ex.PROJECT_CNN, None, bootstrap=40, seed=0)
+    out = score(_images(8, 5), ref_b, ["fid", "kid"], ex.PROJECT_CNN, W, bootstrap=40, seed=0)
     for key in ("fid", "kid_mean"):
         lo, hi = out[f"{key}_ci95"]
         assert lo <= out[key] <= hi and hi > lo
@@ -110,7 +111,7 @@ def test_intervals_contain_the_estimate_even_at_tiny_n(ref_b) -> None:
 
 def test_bootstrap_fid_stats_equal_materialised_resample(sets) -> None:
     # the FID bootstrap uses frequency weights instead of copying rows: same mean and covariance
-    feats = ex.extract_features(sets["a"], CNN, None)["feat"]
+    feats = ex.extract_features(sets["a"], CNN, W)["feat"]
     idx = np.random.default_rng(0).integers(0, len(feats), len(feats))
     w = q._weighted_stats(feats.double(), np.bincount(idx, minlength=len(feats)))
     ref = fid_features_to_statistics(feats[torch.from_numpy(idx)].double())
@@ -119,21 +120,21 @@ def test_bootstrap_fid_stats_equal_materialised_resample(sets) -> None:
 
 
 def test_isc_needs_no_reference_and_errors(sets, ref_b) -> None:
-    out = score(sets["a"], None, ["isc"], CNN, None, bootstrap=0)
+    out = score(sets["a"], None, ["isc"], CNN, W, bootstrap=0)
     assert out["isc_mean"] == pytest.approx(
         _tf(sets["a"], sets["b"], isc=True, feature_extractor=CNN, isc_splits=10)["inception_score_mean"],
         rel=1e-6)
     assert out["reference"] is None
     with pytest.raises(ValueError, match="need a reference"):
-        score(sets["a"], None, ["fid"], CNN, None)
+        score(sets["a"], None, ["fid"], CNN, W)
     with pytest.raises(ValueError, match="more than 3"):
-        score(sets["a"][:3], ref_b, ["prc"], CNN, None)
+        score(sets["a"][:3], ref_b, ["prc"], CNN, W)
     with pytest.raises(ValueError, match="unknown quality metric"):
-        score(sets["a"], ref_b, ["sfid"], CNN, None)
+        score(sets["a"], ref_b, ["sfid"], CNN, W)
     with pytest.raises(ValueError, match="uint8"):
-        score(sets["a"].astype(np.float32), ref_b, ["fid"], CNN, None)
+        score(sets["a"].astype(np.float32), ref_b, ["fid"], CNN, W)
     with pytest.raises(ValueError, match="N×H×W×3"):
-        score(sets["a"][..., :1], ref_b, ["fid"], CNN, None)
+        score(sets["a"][..., :1], ref_b, ["fid"], CNN, W)
 
 
 def test_reference_sources_and_content_hash_cache(sets, tmp_path, monkeypatch) -> None:
@@ -143,16 +144,16 @@ def test_reference_sources_and_content_hash_cache(sets, tmp_path, monkeypatch) -
     p1, p2 = tmp_path / "v1" / "ref.npz", tmp_path / "v2" / "ref.npz"
     np.savez(p1, arr_0=sets["b"])
     np.savez(p2, arr_0=sets["a"])  # same file name, other content
-    r1, r2 = reference_stats(str(p1), CNN, None, cache), reference_stats(str(p2), CNN, None, cache)
+    r1, r2 = reference_stats(str(p1), CNN, W, cache), reference_stats(str(p2), CNN, W, cache)
     assert r1.sha256 != r2.sha256 and not np.allclose(r1.mu, r2.mu)
     assert len(list(cache.glob("reference-*.pt"))) == 2 and not list(cache.glob("*.tmp"))
     assert r1.mu.dtype == np.float64 and r1.sigma.dtype == np.float64 and r1.num_images == 64
-    np.testing.assert_allclose(r1.mu, reference_from_images(sets["b"], "b", CNN, None).mu, rtol=1e-12)
+    np.testing.assert_allclose(r1.mu, reference_from_images(sets["b"], "b", CNN, W).mu, rtol=1e-12)
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("a cached reference was recomputed")
     monkeypatch.setattr(q, "extract_features", no_extraction)
-    hit = reference_stats(str(p1), CNN, None, cache)
+    hit = reference_stats(str(p1), CNN, W, cache)
     assert hit.sha256 == r1.sha256 and np.array_equal(hit.mu, r1.mu) and torch.equal(hit.features, r1.features)
     monkeypatch.undo()
 
@@ -161,28 +162,28 @@ def test_reference_sources_and_content_hash_cache(sets, tmp_path, monkeypatch) -
     folder.mkdir()
     for i, img in enumerate(sets["b"][:16]):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
-    rf = reference_stats(str(folder), CNN, None, cache)
-    np.testing.assert_allclose(rf.mu, reference_from_images(sets["b"][:16], "x", CNN, None).mu, rtol=1e-6)
+    rf = reference_stats(str(folder), CNN, W, cache)
+    np.testing.assert_allclose(rf.mu, reference_from_images(sets["b"][:16], "x", CNN, W).mu, rtol=1e-6)
 
 
 def test_reference_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        reference_stats(str(tmp_path / "missing.npz"), CNN, None, tmp_path)
+        reference_stats(str(tmp_path / "missing.npz"), CNN, W, tmp_path)
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="neither arr_0"):
-        reference_stats(str(tmp_path / "bad.npz"), CNN, None, tmp_path)
+        reference_stats(str(tmp_path / "bad.npz"), CNN, W, tmp_path)
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        reference_stats(str(tmp_path / "float.npz"), CNN, None, tmp_path)
+        reference_stats(str(tmp_path / "float.npz"), CNN, W, tmp_path)
     np.savez(tmp_path / "gray.npz", arr_0=np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="N×H×W×3"):
-        reference_stats(str(tmp_path / "gray.npz"), CNN, None, tmp_path)
+        reference_stats(str(tmp_path / "gray.npz"), CNN, W, tmp_path)
     np.savez(tmp_path / "adm.npz", mu=np.zeros(256), sigma=np.eye(256))
     with pytest.raises(ValueError, match="only with extractor"):
-        reference_stats(str(tmp_path / "adm.npz"), CNN, None, tmp_path)
+        reference_stats(str(tmp_path / "adm.npz"), CNN, W, tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .png"):
-        reference_stats(str(tmp_path / "empty"), CNN, None, tmp_path)
+        reference_stats(str(tmp_path / "empty"), CNN, W, tmp_path)
 
 
 def test_project_cnn_weights_and_names(sets, tmp_path) -> None:
@@ -190,17 +191,17 @@ def test_project_cnn_weights_and_names(sets, tmp_path) -> None:
     torch.save(ex.ProjectCNN.load(None).state_dict(), path)
     name = ex.project_extractor_name(str(path))
     assert name.startswith("varbench-cnn (weights sha256 ") and ex.file_sha256(path)[:12] in name
-    untrained = ex.extract_features(sets["a"], CNN, None)
+    untrained = ex.extract_features(sets["a"], CNN, W)
     loaded = ex.extract_features(sets["a"], CNN, str(path))
     assert torch.equal(untrained["feat"], loaded["feat"])  # the seeded init is reproducible
     assert untrained["feat"].shape == (64, 256) and untrained["logits_unbiased"].shape == (64, 10)
     assert untrained["feat"].std(0).mean() > 1e-3  # features vary between images
     # any resolution works: a 48×48 and 64×64 version of one image set both give 256-d features
-    assert ex.extract_features(_images(4, 0, size=48), CNN, None)["feat"].shape == (4, 256)
+    assert ex.extract_features(_images(4, 0, size=48), CNN, W)["feat"].shape == (4, 256)
     # a reference made with other weights is refused
     ref = reference_from_images(sets["b"], "b", CNN, str(path))
     with pytest.raises(ValueError, match="recompute it with the same extractor"):
-        score(sets["a"], ref, ["fid"], CNN, None)
+        score(sets["a"], ref, ["fid"], CNN, W)
 
 
 def test_missing_inception_weights_message(tmp_path, monkeypatch) -> None:

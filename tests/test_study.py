@@ -48,7 +48,7 @@ def test_every_measurement_is_one_record_with_provenance(finished):
     for r in quality:
         m = r["metrics"]
         assert m["fid_ci95"][0] <= m["fid"] <= m["fid_ci95"][1] and m["num_samples"] == 6
-        assert "varbench-cnn" in r["quality"]["extractor"] and "untrained" in r["quality"]["extractor"]
+        assert "varbench-cnn" in r["quality"]["extractor"] and "zoo classifier" in r["quality"]["extractor"]
         assert r["weights"] == "random (seed 0)"
 
 

@@ -72,7 +72,7 @@ def load_vqvae(source: str | os.PathLike, allow_download: bool | None = None) ->
     with torch.device("meta"):
         vae = VQVAE(cfg)
     load_strict(vae, sd, str(path), f"VQVAE (ch {cfg.ch})")
-    return vae.eval()
+    return vae.float().eval()  # an fp16 file (the zoo's) computes in fp32 like every other checkpoint
 
 
 def random_var_net(cfg: VARConfig, seed: int = 0, logit_scale: float = 1.0) -> VARNet:

@@ -262,7 +262,8 @@ class _ScaleGraphs:
 def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
               engine: EngineConfig = EngineConfig(), device: str = "cpu", seed: int = 0,
               patch_nums: Sequence[int] | None = None, shared_aln: bool = False, vae_ch: int = 160,
-              allow_download: bool | None = None, name: str | None = None, kv_policy=None) -> VAR:
+              allow_download: bool | None = None, name: str | None = None, kv_policy=None,
+              config: VARConfig | None = None) -> VAR:
     """A VAR variant of the given depth.
 
     Args:
@@ -270,11 +271,11 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
             "random" = random weights (speed benchmarks, tests).
         vae: VQVAE source; None = the official vae_ch160v4096z32 (random with random weights).
         patch_nums: scale schedule (default: the 256 px one, or read from the checkpoint).
-        shared_aln, vae_ch: architecture of random models.
+        shared_aln, vae_ch: architecture of random models; `config` gives a random model's whole architecture.
         kv_policy: a KV-cache policy object from `KV_POLICIES` (None or `full` keeps every entry).
     """
     if weights == "random":
-        cfg = VARConfig(depth=depth, shared_aln=shared_aln, patch_nums=tuple(patch_nums or PATCH_NUMS[680]))
+        cfg = config or VARConfig(depth=depth, shared_aln=shared_aln, patch_nums=tuple(patch_nums or PATCH_NUMS[680]))
         net = random_var_net(cfg, seed)
     else:
         net = load_var_net(weights or f"var_d{depth}", depth, patch_nums, allow_download)

@@ -1,0 +1,151 @@
+"""The trained zoo: small models of the project's 64 px synthetic data set, shipped inside the package.
+
+Offline, with random weights, FID is noise and a scaling curve has nothing to fit. The zoo is a family of
+genuinely trained models (`varbench train zoo` retrains it from scratch in about 75 minutes on a 2-core CPU):
+
+* `vqvae.pt`      the multi-scale residual tokenizer (VAR's architecture, 8x, vocab 512, scales 1,2,3,4,5,6,8);
+* `var_d{1..5}.pt` VAR transformers of width 64·depth on its 155-token pyramids (the sizes of the loss fit);
+* `classifier.pt` ProjectCNN trained on the data set: the `varbench-cnn` extractor's default weights.
+
+All are fp16 state dicts in the official layouts (loaded strictly, computed in fp32). `manifest.json` holds
+each file's sha256, parameter count, training config, held-out metrics and loss curve, and the git sha of
+the code that trained it; every file is checked against it on load. `$VARBENCH_ZOO` points at another zoo
+folder (a retrained one) with the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from varbench.harness.registry import register_variant
+
+from .code import CoDe, _pair, build_code
+from .training import var_config
+from .var import VAR, _arch, build_var
+
+__all__ = ["ZOO_DIR", "MANIFEST", "ZooError", "zoo_dir", "manifest", "zoo_file", "zoo_weights_note",
+           "RETRAIN_COMMAND", "ZOO_CODE_DRAFT_STEPS"]
+
+ZOO_DIR = Path(__file__).with_name("zoo")
+MANIFEST = "manifest.json"
+RETRAIN_COMMAND = "varbench train zoo --out runs/zoo --export"
+# CoDe on the zoo: the drafter makes scales 1..5 and the refiner the last two (6x6 and 8x8, 100 of the 155
+# tokens), mirroring the official N = 8 of 10 scales, which leaves the two largest scales to the refiner.
+ZOO_CODE_DRAFT_STEPS = 5
+
+
+class ZooError(FileNotFoundError):
+    """The zoo folder, its manifest or one of its files is missing or does not match the manifest."""
+
+
+def zoo_dir() -> Path:
+    return Path(os.environ.get("VARBENCH_ZOO") or ZOO_DIR)
+
+
+def _retrain_hint() -> str:
+    return f"retrain it with `{RETRAIN_COMMAND}` (about 75 minutes on a 2-core CPU), or set VARBENCH_ZOO"
+
+
+@cache
+def _manifest(root: str) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ZooError(f"no zoo manifest at {path}; {_retrain_hint()}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ZooError(f"zoo manifest {path} is not valid JSON ({err}); {_retrain_hint()}") from None
+
+
+def manifest(root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The zoo's manifest: {'models': {name: {file, sha256, params, config, heldout, loss_curve, ...}}, ...}."""
+    return _manifest(str(Path(root or zoo_dir()).resolve()))
+
+
+def zoo_file(name: str, root: str | os.PathLike | None = None) -> str:
+    """Path of one zoo model's file, checked against the manifest's sha256."""
+    from varbench.harness.extractors import file_sha256
+
+    base = Path(root or zoo_dir())
+    models = manifest(base)["models"]
+    if name not in models:
+        raise ZooError(f"the zoo has no model {name!r}; it has: {', '.join(sorted(models))}")
+    entry = models[name]
+    path = base / entry["file"]
+    if not path.is_file():
+        raise ZooError(f"zoo file {path} is missing; {_retrain_hint()}")
+    digest = file_sha256(path)
+    if digest != entry["sha256"]:
+        raise ZooError(f"zoo file {path} has sha256 {digest[:12]}…, the manifest says {entry['sha256'][:12]}…: "
+                       f"the file is corrupt or from another training run; {_retrain_hint()}")
+    return str(path)
+
+
+def zoo_weights_note(name: str) -> str:
+    """How records name a zoo model: 'zoo:var_d5 (sha256 0123456789ab)'."""
+    return f"zoo:{name} (sha256 {manifest()['models'][name]['sha256'][:12]})"
+
+
+def _zoo_var(depth: int, **kwargs: Any) -> VAR:
+    if kwargs.get("weights") == "random":  # the same architecture untrained (trained tokenizer): a baseline
+        kwargs.setdefault("vae", zoo_file("vqvae"))
+        return build_var(depth, name=f"var_zoo_d{depth}", config=var_config("zoo", depth), **kwargs)
+    kwargs.setdefault("weights", zoo_file(f"var_d{depth}"))
+    kwargs.setdefault("vae", zoo_file("vqvae"))
+    variant = build_var(depth, name=f"var_zoo_d{depth}", **kwargs)
+    variant.weights = f"{zoo_weights_note(f'var_d{depth}')}; vqvae {zoo_weights_note('vqvae')}"
+    return variant
+
+
+# One registered factory per depth in ZOO_VAR_DEPTHS (tests/test_zoo.py checks that they agree).
+
+@register_variant
+@_arch(var_config("zoo", 1))
+def var_zoo_d1(**kwargs: Any) -> VAR:
+    """Zoo VAR-d1 (width 64, 0.13 M params), trained on the 64 px synthetic set: the loss fit's smallest size."""
+    return _zoo_var(1, **kwargs)
+
+
+@register_variant
+@_arch(var_config("zoo", 2))
+def var_zoo_d2(**kwargs: Any) -> VAR:
+    """Zoo VAR-d2 (width 128, 0.72 M params), trained on the 64 px synthetic set; the zoo CoDe's refiner."""
+    return _zoo_var(2, **kwargs)
+
+
+@register_variant
+@_arch(var_config("zoo", 3))
+def var_zoo_d3(**kwargs: Any) -> VAR:
+    """Zoo VAR-d3 (width 192, 2.2 M params), trained on the 64 px synthetic set."""
+    return _zoo_var(3, **kwargs)
+
+
+@register_variant
+@_arch(var_config("zoo", 4))
+def var_zoo_d4(**kwargs: Any) -> VAR:
+    """Zoo VAR-d4 (width 256, 5.0 M params), trained on the 64 px synthetic set."""
+    return _zoo_var(4, **kwargs)
+
+
+@register_variant
+@_arch(var_config("zoo", 5))
+def var_zoo_d5(**kwargs: Any) -> VAR:
+    """Zoo VAR-d5 (width 320, 9.7 M params), trained on the 64 px synthetic set: the default model of `varbench run`."""
+    return _zoo_var(5, **kwargs)
+
+
+@register_variant
+@_pair(var_config("zoo", 5), var_config("zoo", 2))
+def code_zoo_d5_d2(**kwargs: Any) -> CoDe:
+    """CoDe on the zoo, training-free: VAR-d5 drafts scales 1..N, VAR-d2 refines the rest; N = 5 of 7 scales."""
+    kwargs.setdefault("draft_steps", ZOO_CODE_DRAFT_STEPS)
+    kwargs.setdefault("drafter_weights", zoo_file("var_d5"))
+    kwargs.setdefault("refiner_weights", zoo_file("var_d2"))
+    kwargs.setdefault("vae", zoo_file("vqvae"))
+    variant = build_code(5, 2, name="code_zoo_d5_d2", **kwargs)
+    variant.weights = f"drafter {zoo_weights_note('var_d5')}; refiner {zoo_weights_note('var_d2')}"
+    return variant
