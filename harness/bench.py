@@ -69,6 +69,9 @@ def bench_variant(variant, batch: int, sampling: SampleConfig = SampleConfig(), 
     images_per_s = batch / (total_ms / 1e3)
     peak_rate, peak_source = peak_flops(device, variant.dtype)
     kv = list(getattr(gen.state, "kv_bytes", []))
+    # Each forward's own keys and values, apart from what is kept for later scales: a compressing policy
+    # shrinks `kv_bytes` but every scale still attends over its whole map (and CoDe's prefill over scales 0..N).
+    kv_current = list(getattr(gen.state, "kv_bytes_current", []))
     return {
         "variant": variant.name,
         "depth": variant.cfg.depth,
@@ -91,19 +94,23 @@ def bench_variant(variant, batch: int, sampling: SampleConfig = SampleConfig(), 
         "memory_method": meter.method,
         "kv_bytes": max(kv) if kv else 0,
         "kv_bytes_per_scale": kv,
+        "kv_bytes_current": max(kv_current) if kv_current else 0,
+        "kv_bytes_current_per_scale": kv_current,
         "model_flops_per_image": net_flops + vae_flops,
         "model_flops_per_image_without_vae": net_flops,
         "mfu": images_per_s * (net_flops + vae_flops) / peak_rate,
         "peak_flops": peak_rate,
         "peak_flops_source": peak_source,
-    } | _per_model(variant, per_scale, kv)
+    } | _per_model(variant, per_scale, kv, kv_current)
 
 
 # -- per-model reporting: variants made of several models (CoDe's drafter and refiner) ------------------
-def _per_model(variant, per_scale: list[list[float]], kv_per_scale: list[int]) -> dict[str, Any]:
+def _per_model(variant, per_scale: list[list[float]], kv_per_scale: list[int],
+               current_per_scale: list[int]) -> dict[str, Any]:
     """`latency_ms_per_model` (median over repeats of the summed scale regions each model ran, its
-    prefill included) and `memory_bytes_per_model` ({model: {"param_bytes", "kv_bytes"}}, kv_bytes the most
-    its cache held after any of its scales) for a variant with `stages()` and `models`; {} for one model."""
+    prefill included) and `memory_bytes_per_model` ({model: {"param_bytes", "kv_bytes", "kv_bytes_current"}},
+    kv_bytes the most its cache held after any of its scales, kv_bytes_current the largest forward's own keys
+    and values) for a variant with `stages()` and `models`; {} for one model."""
     if not hasattr(variant, "stages"):
         return {}
     latency, memory = {}, {}
@@ -111,5 +118,9 @@ def _per_model(variant, per_scale: list[list[float]], kv_per_scale: list[int]) -
         latency[name] = p50_iqr([sum(row[si] for si in scales) for row in per_scale])[0]
         params = variant.models[name].net.parameters()
         memory[name] = {"param_bytes": sum(p.numel() * p.element_size() for p in params),
-                        "kv_bytes": max((kv_per_scale[si] for si in scales if si < len(kv_per_scale)), default=0)}
+                        "kv_bytes": _most(kv_per_scale, scales), "kv_bytes_current": _most(current_per_scale, scales)}
     return {"latency_ms_per_model": latency, "memory_bytes_per_model": memory}
+
+
+def _most(per_scale: list[int], scales: tuple[int, ...]) -> int:
+    return max((per_scale[si] for si in scales if si < len(per_scale)), default=0)

@@ -4,7 +4,9 @@
     varbench table RESULTS [--format md|csv]          the tables of recorded results
     varbench fit RESULTS|CSV --x COL --y COL [--floor] power-law fits with intervals
     varbench reproduce TABLE [--measured RESULTS]     a published table beside our measurements (--list)
-    varbench train {vqvae,var,classifier} --out DIR   train a small model on the synthetic data set
+    varbench train KIND --out DIR --steps N           train a small model on the synthetic data set; KIND:
+                                                      vqvae, var (--from-scale N --init VAR.pt: a CoDe-style
+                                                      refiner), hmar (--stage 1, then --stage 2 --init), classifier
     varbench train zoo --out DIR --export             retrain the shipped zoo from scratch (~75 min, 2 CPUs)
     varbench list [PATTERN]                           registered variants with parameter counts
     varbench bench [--variant NAME] [--batch N] ...   speed, memory, KV bytes, MFU as one JSON object

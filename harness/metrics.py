@@ -67,6 +67,7 @@ for _spec in (
     MetricSpec("vae_decode_ms", "VAE decode ms", "speed", False, ".1f"),
     MetricSpec("peak_memory_bytes", "peak mem MiB", "speed", False, ".0f", 1 / _MIB),
     MetricSpec("kv_bytes", "KV MiB", "speed", False, ".2f", 1 / _MIB),
+    MetricSpec("kv_bytes_current", "KV current scale MiB", "speed", False, ".2f", 1 / _MIB),
     MetricSpec("mfu", "MFU %", "speed", True, ".1f", 100.0),
     MetricSpec("fid", "FID", "quality", False),
     MetricSpec("kid_mean", "KID×1e3", "quality", False, ".2f", 1e3),

@@ -85,8 +85,10 @@ def guide(logits: Tensor, t: float) -> Tensor:
 
 
 def filter_top_k_top_p_(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Sets logits outside the top-k and top-p sets to -inf, in place, over the last dim."""
-    if top_k > 0:
+    """Sets logits outside the top-k and top-p sets to -inf, in place, over the last dim.
+
+    A top-k at or above the vocabulary keeps every token (VAR's default 900 on the zoo's 512 codes)."""
+    if 0 < top_k < logits.shape[-1]:
         threshold = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < threshold, -torch.inf)  # ties at the threshold survive
     if top_p > 0:

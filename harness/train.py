@@ -1,17 +1,24 @@
-"""Training loop for the small 64 px zoo: the VQVAE tokenizer, VAR transformers and the ProjectCNN classifier.
+"""Training loop for the small 64 px zoo: the VQVAE tokenizer, VAR and HMAR transformers, CoDe-style refiners
+and the ProjectCNN classifier.
 
-    python -m varbench.harness.train {vqvae,var,classifier} --out DIR --steps N [--depth D] [--resume]
+    python -m varbench.harness.train {vqvae,var,hmar,classifier} --out DIR --steps N [--depth D] [--resume]
     torchrun --standalone --nproc_per_node 2 -m varbench.harness.train var --out DIR --steps N --vqvae V.pt
+    python -m varbench.harness.train var --from-scale 5 --init VAR/model.pt ...       # a CoDe-style refiner
+    python -m varbench.harness.train hmar --stage 1 --out H1 ...                       # next-scale path
+    python -m varbench.harness.train hmar --stage 2 --init H1/model.pt --out H2 ...    # masked path
 
-What it does (model-specific losses live in `varbench.variants.training`):
+What it does (per-kind models, batches and held-out metrics live in `harness.train_tasks`, model-specific losses
+in `varbench.variants.training`):
 * AdamW (no weight decay on biases, gains, embeddings and position tensors), linear warm-up then cosine (or
   linear) decay to `min_lr_ratio`·lr, gradient-norm clipping.
 * Data: the synthetic set (`harness.synthetic`) of `num_train` images; step s draws its batch indices (and
-  VAR's label-dropout coins) from generators seeded by (seed, s, rank) alone, so a run's data never depend on
-  how it was interrupted. A disjoint held-out split (global indices from `HELDOUT_START`) is scored at the end.
+  the label-dropout coins and HMAR's masks) from generators seeded by (seed, s, rank) alone, so a run's data
+  never depend on how it was interrupted. A disjoint held-out split (global indices from `HELDOUT_START`) is
+  scored at the end.
 * Every `ckpt_every` steps (and at the end / at `stop_at`) rank 0 writes, atomically (tmp file, fsync,
   rename), `out/last.pt` (model, optimizer, scheduler, step, RNG states, config) and `out/model.pt` (the bare
-  state dict in the official layout, loadable with `varbench.variants.loading` / `ProjectCNN.load`).
+  state dict in the official layout, loadable with `varbench.variants.loading`, `variants.hmar.load_hmar_net`
+  or `ProjectCNN.load`).
   `--resume` continues from `last.pt` and reproduces the uninterrupted run's losses exactly (same threads).
 * `out/log.jsonl`: one JSON line per `log_every` steps (mean loss and model metrics over the interval, lr,
   grad norm, steps/s); `out/summary.json`: held-out metrics, parameter count, timing.
@@ -39,19 +46,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .shard import barrier, init_distributed
-from .synthetic import make_dataset
+from .train_tasks import HELDOUT_START, Task, build_task, step_generator
 
 __all__ = ["KINDS", "TrainConfig", "HELDOUT_START", "train", "lr_factor", "load_checkpoint", "main"]
 
-KINDS = ("vqvae", "var", "classifier")
-HELDOUT_START = 1_000_000  # global image index of the held-out split (training uses [0, num_train))
-_DEFAULT_LR = {"vqvae": 1e-3, "var": 1e-3, "classifier": 1e-3}
-_SEED_STRIDE = 1_000_003
+KINDS = ("vqvae", "var", "hmar", "classifier")
+_DEFAULT_LR = {"vqvae": 1e-3, "var": 1e-3, "hmar": 1e-3, "classifier": 1e-3}
 CHECKPOINT, WEIGHTS, LOG, SUMMARY = "last.pt", "model.pt", "log.jsonl", "summary.json"
 # Settings a resumed run must share with the checkpoint (everything that changes the step sequence).
 _RESUME_KEYS = ("kind", "preset", "depth", "steps", "batch_size", "lr", "weight_decay", "beta1", "beta2",
                 "warmup_steps", "min_lr_ratio", "schedule", "grad_clip", "seed", "data_seed", "num_train",
-                "cond_drop", "vqvae")
+                "cond_drop", "vqvae", "init", "from_scale", "stage", "scale_weights")
 
 
 @dataclass
@@ -59,7 +64,7 @@ class TrainConfig:
     kind: str
     out: str
     steps: int
-    depth: int = 2  # VAR only
+    depth: int = 2  # VAR and HMAR
     preset: str = "zoo"  # model sizes: 'zoo' or 'tiny' (tests)
     batch_size: int = 32  # global batch (split over ranks)
     lr: float = 0.0  # 0: the kind's default
@@ -77,7 +82,11 @@ class TrainConfig:
     num_train: int = 10_000
     num_heldout: int = 500
     cond_drop: float = 0.1  # VAR label dropout (null class = num_classes)
-    vqvae: str = ""  # VAR: the trained tokenizer's model.pt; '' = a seeded random one (tests only)
+    vqvae: str = ""  # VAR, HMAR: the trained tokenizer's model.pt; '' = a seeded random one (tests only)
+    init: str = ""  # VAR, HMAR: start from this model.pt instead of the from-scratch init (HMAR: HMAR or VAR layout)
+    from_scale: int = 0  # VAR: loss only on the tokens of scales >= from_scale (a CoDe-style refiner); 0 = all
+    stage: int = 1  # HMAR: 1 = next-scale path, 2 = masked path (needs init = a stage-1 model.pt)
+    scale_weights: str = "lognormal"  # HMAR stage 1 per-token loss weights: 'lognormal' (HMAR's) or 'uniform'
     device: str = "cpu"
     threads: int = 0  # 0: leave torch's default
     progress: bool = True
@@ -90,6 +99,18 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be positive")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        if self.init and self.kind not in ("var", "hmar"):
+            raise ValueError(f"init applies to kinds var and hmar, not {self.kind!r}")
+        if self.from_scale and self.kind != "var":
+            raise ValueError(f"from_scale applies to kind var only, not {self.kind!r}")
+        if self.from_scale < 0:
+            raise ValueError(f"from_scale must be >= 0, got {self.from_scale}")
+        if self.stage not in (1, 2) or (self.stage == 2 and self.kind != "hmar"):
+            raise ValueError(f"stage must be 1, or 2 for kind hmar; got stage {self.stage} for {self.kind!r}")
+        if self.stage == 2 and not self.init:
+            raise ValueError("HMAR stage 2 starts from a trained stage-1 model: pass init (--init PATH/model.pt)")
+        if self.scale_weights not in ("lognormal", "uniform"):
+            raise ValueError(f"scale_weights must be 'lognormal' or 'uniform', got {self.scale_weights!r}")
         self.lr = self.lr or _DEFAULT_LR[self.kind]
         if self.warmup_steps < 0:
             self.warmup_steps = max(1, self.steps // 50)
@@ -112,14 +133,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or name.startswith(("pos_", "class_emb", "lvl_embed")) or "embedding" in name \
-            or "ada_gss" in name or "scale_mul" in name
+            or "ada_gss" in name or "scale_mul" in name or name.startswith("mask_embed")
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _step_generator(cfg: TrainConfig, step: int, rank: int = -1) -> torch.Generator:
-    """A generator determined by (seed, step, rank) only: rank -1 = shared by all ranks (batch indices)."""
-    return torch.Generator().manual_seed((cfg.seed * _SEED_STRIDE + step) * 1024 + rank + 1)
 
 
 class _StepModule(nn.Module):
@@ -131,139 +147,6 @@ class _StepModule(nn.Module):
 
     def forward(self, *batch: Any) -> tuple[Tensor, dict[str, float]]:
         return self.loss_fn(self.model, *batch)
-
-
-@dataclass
-class _Task:
-    model: nn.Module  # trained and exported
-    loss_fn: Callable[..., tuple[Tensor, dict[str, float]]]  # (model, *batch) -> (loss, metrics)
-    batch: Callable[[Tensor, int], tuple[Any, ...]]  # (indices, step) -> this rank's batch
-    evaluate: Callable[[], dict[str, float]]
-    info: dict[str, Any]
-
-
-def _images(cfg: TrainConfig, heldout: bool) -> tuple[Tensor, Tensor]:
-    n, start = (cfg.num_heldout, HELDOUT_START) if heldout else (cfg.num_train, 0)
-    images, labels = make_dataset(n, seed=cfg.data_seed, size=64, start=start)
-    return torch.from_numpy(images), torch.from_numpy(labels)
-
-
-def _batched(fn: Callable[[slice], None], n: int, size: int = 128) -> None:
-    for lo in range(0, n, size):
-        fn(slice(lo, min(n, lo + size)))
-
-
-def _build_task(cfg: TrainConfig, rank: int, world: int) -> _Task:
-    from varbench.variants import training as T
-
-    sizes = T.sizes(cfg.preset)
-    device = torch.device(cfg.device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images, labels = _images(cfg, heldout=False)
-    held_images, held_labels = _images(cfg, heldout=True)
-
-    def shard(x: Tensor) -> Tensor:
-        return x[rank::world].to(device)
-
-    if cfg.kind == "classifier":
-        from .extractors import ProjectCNN
-
-        model = ProjectCNN(sizes.num_classes).reset_parameters_deterministic(cfg.seed)
-
-        @torch.no_grad()
-        def evaluate() -> dict[str, float]:
-            model.eval()
-            correct = torch.zeros(())
-
-            def score(sl: slice) -> None:
-                logits = model(held_images[sl].permute(0, 3, 1, 2).contiguous().to(device))
-                correct.add_((logits.argmax(-1).cpu() == held_labels[sl]).sum())
-            _batched(score, len(held_labels))
-            model.train()
-            return {"heldout_acc": correct.item() / len(held_labels), "chance": 1 / sizes.num_classes}
-
-        return _Task(model, T.classifier_step, lambda idx, step: (shard(images[idx]), shard(labels[idx])),
-                     evaluate, {"num_classes": sizes.num_classes})
-
-    if cfg.kind == "vqvae":
-        from varbench.variants.vqvae import VQVAE
-
-        model = T.init_vqvae_(VQVAE(sizes.vqvae), gen)
-        pn = sizes.patch_nums
-
-        @torch.no_grad()
-        def evaluate() -> dict[str, float]:
-            model.eval()
-            err, used = torch.zeros(()), torch.zeros(sizes.vqvae.vocab_size, dtype=torch.bool)
-
-            def score(sl: slice) -> None:  # the inference path: tokens -> f_hat -> decode
-                x = T.images_to_tensor(held_images[sl]).to(device)
-                tokens = model.encode_tokens(x, pn)
-                recon = model.decode(model.tokens_to_fhat(tokens, pn))
-                err.add_((recon - x).square().mean(dim=(1, 2, 3)).sum().cpu())
-                for t in tokens:
-                    used[t.flatten().cpu()] = True
-            _batched(score, len(held_labels))
-            model.train()
-            mse = err.item() / len(held_labels)
-            return {"heldout_mse": mse, "heldout_psnr": 10 * math.log10(4 / mse), "code_usage": used.float().mean().item()}
-
-        return _Task(model, lambda m, x: T.vqvae_step(m, x, pn), lambda idx, step: (shard(images[idx]),),
-                     evaluate, {"vqvae_config": asdict(sizes.vqvae), "patch_nums": list(pn)})
-
-    # VAR: a frozen tokenizer turns the data set into token pyramids once.
-    from varbench.variants.loading import load_vqvae
-    from varbench.variants.var_model import VARNet
-    from varbench.variants.vqvae import VQVAE
-
-    if cfg.vqvae:
-        vae = load_vqvae(cfg.vqvae).float()
-        if vae.cfg.vocab_size != sizes.vqvae.vocab_size or vae.cfg.z_channels != sizes.vqvae.z_channels:
-            raise ValueError(f"{cfg.vqvae} (vocab {vae.cfg.vocab_size}, Cvae {vae.cfg.z_channels}) does not fit "
-                             f"preset {cfg.preset!r} (vocab {sizes.vqvae.vocab_size}, Cvae {sizes.vqvae.z_channels})")
-    else:
-        vae = T.init_vqvae_(VQVAE(sizes.vqvae), torch.Generator().manual_seed(cfg.seed + 1))
-    vae = vae.to(device).eval().requires_grad_(False)
-    var_cfg = T.var_config(cfg.preset, cfg.depth)
-    pn = var_cfg.patch_nums
-    ends = np.cumsum([p * p for p in pn])[:-1].tolist()
-
-    @torch.no_grad()
-    def tokenize(imgs: Tensor) -> Tensor:
-        out = torch.empty(len(imgs), var_cfg.seq_len, dtype=torch.long)
-
-        def enc(sl: slice) -> None:
-            out[sl] = torch.cat(vae.encode_tokens(T.images_to_tensor(imgs[sl]).to(device), pn), dim=1).cpu()
-        _batched(enc, len(imgs))
-        return out
-
-    tokens, held_tokens = tokenize(images), tokenize(held_images)
-    model = T.init_var_(VARNet(var_cfg), gen)
-
-    def batch(idx: Tensor, step: int) -> tuple[Any, ...]:
-        coins = _step_generator(cfg, step, rank)
-        return (shard(tokens[idx]), shard(labels[idx]), coins)
-
-    def loss_fn(m: nn.Module, tok: Tensor, lab: Tensor, coins: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        return T.var_step(m, vae, list(tok.tensor_split(ends, dim=1)), lab, cfg.cond_drop, coins)
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        ce, acc = torch.zeros(()), torch.zeros(())
-
-        def score(sl: slice) -> None:
-            loss, m = T.var_step(model, vae, list(held_tokens[sl].to(device).tensor_split(ends, dim=1)),
-                                 held_labels[sl].to(device), 0.0, None)
-            ce.add_(loss.cpu() * (sl.stop - sl.start))
-            acc.add_(m["acc"] * (sl.stop - sl.start))
-        _batched(score, len(held_labels), 64)
-        model.train()
-        return {"heldout_ce": ce.item() / len(held_labels), "heldout_acc": acc.item() / len(held_labels),
-                "uniform_ce": math.log(var_cfg.vocab_size)}
-
-    return _Task(model, loss_fn, batch, evaluate,
-                 {"var_config": asdict(var_cfg), "vqvae": cfg.vqvae or f"random (seed {cfg.seed + 1})"})
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -300,7 +183,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _save(out: Path, cfg: TrainConfig, task: _Task, opt: torch.optim.Optimizer, sched: Any, step: int) -> None:
+def _save(out: Path, cfg: TrainConfig, task: Task, opt: torch.optim.Optimizer, sched: Any, step: int) -> None:
     sd = task.model.state_dict()
     _atomic_save({"kind": cfg.kind, "config": asdict(cfg), "info": task.info, "step": step, "model": sd,
                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
@@ -310,7 +193,9 @@ def _save(out: Path, cfg: TrainConfig, task: _Task, opt: torch.optim.Optimizer, 
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = asdict(cfg)
-    diff = [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
+    default = {f.name: f.default for f in fields(TrainConfig)}  # checkpoints older than a setting used its default
+    diff = [f"{k}: checkpoint {saved.get(k, default[k])!r} vs now {now[k]!r}" for k in _RESUME_KEYS
+            if saved.get(k, default[k]) != now[k]]
     if diff:
         raise ValueError("cannot resume: the run's settings differ from the checkpoint's\n  " + "\n  ".join(diff))
 
@@ -344,7 +229,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
 
-    task = _build_task(cfg, rank, world)
+    task = build_task(cfg, rank, world)
     model = task.model.to(cfg.device).train()
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -379,7 +264,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
     count, t_interval, t_start, grad_norm = 0, time.perf_counter(), time.perf_counter(), 0.0
     step = start
     for step in range(start, end):
-        idx = torch.randint(cfg.num_train, (cfg.batch_size,), generator=_step_generator(cfg, step))
+        idx = torch.randint(cfg.num_train, (cfg.batch_size,), generator=step_generator(cfg, step))
         loss, metrics = runner(*task.batch(idx, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -441,7 +326,10 @@ def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
         ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default)
     ns = vars(ap.parse_args(argv))
     resume = ns.pop("resume")
-    return TrainConfig(**ns), resume
+    try:
+        return TrainConfig(**ns), resume
+    except ValueError as err:  # a bad combination of settings: a usage error, not a traceback
+        ap.error(str(err))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,8 @@ def job_args(name: str, out: Path, device: str = "cpu", threads: int = 1) -> lis
     kind, _, depth = name.partition("_d")
     args = [kind, "--out", str(out / name), "--steps", str(plan["steps"]), "--batch-size", str(plan["batch_size"]),
             "--preset", "zoo", "--device", device, "--threads", str(threads), "--resume", "--no-progress"]
+    if "lr" in plan:
+        args += ["--lr", repr(plan["lr"])]
     if kind == "var":
         args += ["--depth", depth, "--vqvae", str(out / "vqvae" / WEIGHTS)]
     return args

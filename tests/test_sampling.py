@@ -19,6 +19,7 @@ def test_top_k_keeps_ties_at_the_threshold():
     assert _kept([1.0, 3.0, 2.0, 2.0, 0.0], k=2) == [1, 2, 3]  # 3 survive: the 2nd largest is tied
     assert _kept([1.0, 3.0, 2.0, 2.0, 0.0], k=1) == [1]
     assert _kept([1.0, 1.0, 1.0], k=1) == [0, 1, 2]
+    assert _kept([1.0, 3.0, 2.0], k=3) == _kept([1.0, 3.0, 2.0], k=900) == [0, 1, 2]  # k >= vocab keeps all
 
 
 def test_top_p_removes_the_tail_whose_mass_is_at_most_1_minus_p():

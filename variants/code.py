@@ -55,6 +55,11 @@ class CoDeState:
         """Bytes each scale's model held in its cache after that scale (drafter's, then refiner's)."""
         return self.drafter.kv_bytes + (self.refiner.kv_bytes if self.refiner else [])
 
+    @property
+    def kv_bytes_current(self) -> list[int]:
+        """Bytes of each scale's own keys and values (the refiner's prefill: scales 0..N in one forward)."""
+        return self.drafter.kv_bytes_current + (self.refiner.kv_bytes_current if self.refiner else [])
+
 
 class CoDe:
     """Drafter for scales 0..N-1, refiner for N..S-1 (N = draft_steps; N = S is the drafter alone).

@@ -1,10 +1,10 @@
 """The trained zoo: small models of the project's 64 px synthetic data set, shipped inside the package.
 
 Offline, with random weights, FID is noise and a scaling curve has nothing to fit. The zoo is a family of
-genuinely trained models (`varbench train zoo` retrains it from scratch in about 75 minutes on a 2-core CPU):
+genuinely trained models (`varbench train zoo` retrains it from scratch in about 45 minutes on a 2-core CPU):
 
 * `vqvae.pt`      the multi-scale residual tokenizer (VAR's architecture, 8x, vocab 512, scales 1,2,3,4,5,6,8);
-* `var_d{1..5}.pt` VAR transformers of width 64·depth on its 155-token pyramids (the sizes of the loss fit);
+* `var_d{1..5}.pt` VAR transformers of width 32·depth on its 155-token pyramids (the sizes of the loss fit);
 * `classifier.pt` ProjectCNN trained on the data set: the `varbench-cnn` extractor's default weights.
 
 All are fp16 state dicts in the official layouts (loaded strictly, computed in fp32). `manifest.json` holds
@@ -47,7 +47,7 @@ def zoo_dir() -> Path:
 
 
 def _retrain_hint() -> str:
-    return f"retrain it with `{RETRAIN_COMMAND}` (about 75 minutes on a 2-core CPU), or set VARBENCH_ZOO"
+    return f"retrain it with `{RETRAIN_COMMAND}` (about 45 minutes on a 2-core CPU), or set VARBENCH_ZOO"
 
 
 @cache
@@ -106,35 +106,35 @@ def _zoo_var(depth: int, **kwargs: Any) -> VAR:
 @register_variant
 @_arch(var_config("zoo", 1))
 def var_zoo_d1(**kwargs: Any) -> VAR:
-    """Zoo VAR-d1 (width 64, 0.13 M params), trained on the 64 px synthetic set: the loss fit's smallest size."""
+    """Zoo VAR-d1 (width 32, 44 k params), trained on the 64 px synthetic set: the loss fit's smallest size."""
     return _zoo_var(1, **kwargs)
 
 
 @register_variant
 @_arch(var_config("zoo", 2))
 def var_zoo_d2(**kwargs: Any) -> VAR:
-    """Zoo VAR-d2 (width 128, 0.72 M params), trained on the 64 px synthetic set; the zoo CoDe's refiner."""
+    """Zoo VAR-d2 (width 64, 0.20 M params), trained on the 64 px synthetic set; the zoo CoDe's refiner."""
     return _zoo_var(2, **kwargs)
 
 
 @register_variant
 @_arch(var_config("zoo", 3))
 def var_zoo_d3(**kwargs: Any) -> VAR:
-    """Zoo VAR-d3 (width 192, 2.2 M params), trained on the 64 px synthetic set."""
+    """Zoo VAR-d3 (width 96, 0.59 M params), trained on the 64 px synthetic set."""
     return _zoo_var(3, **kwargs)
 
 
 @register_variant
 @_arch(var_config("zoo", 4))
 def var_zoo_d4(**kwargs: Any) -> VAR:
-    """Zoo VAR-d4 (width 256, 5.0 M params), trained on the 64 px synthetic set."""
+    """Zoo VAR-d4 (width 128, 1.3 M params), trained on the 64 px synthetic set."""
     return _zoo_var(4, **kwargs)
 
 
 @register_variant
 @_arch(var_config("zoo", 5))
 def var_zoo_d5(**kwargs: Any) -> VAR:
-    """Zoo VAR-d5 (width 320, 9.7 M params), trained on the 64 px synthetic set: the default model of `varbench run`."""
+    """Zoo VAR-d5 (width 160, 2.5 M params), trained on the 64 px synthetic set: the default model of `varbench run`."""
     return _zoo_var(5, **kwargs)
 
 
