@@ -24,3 +24,12 @@ def need(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def var_d2_dir() -> Path:
     return need(CONFORMANCE / "var_d2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound; two threads on a shared 2-core machine spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

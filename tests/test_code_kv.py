@@ -25,13 +25,7 @@ REFINER_TOKEN = 2 * 2 * 2 * len(LABELS) * 128 * 4  # refiner: depth 2, width 128
 BUDGET = 68  # 0.1 × 680 tokens per layer and head
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are latency-bound; two threads on a shared 2-core machine spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class _Caches:

@@ -24,13 +24,7 @@ LABELS = torch.tensor([7, 420])
 COMPRESSING = ("streaming", "h2o", "snapkv", "pyramidkv", "scalekv", "hack")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are latency-bound; two threads on a shared 2-core machine spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
