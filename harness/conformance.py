@@ -24,11 +24,24 @@ __all__ = ["run_conformance", "fixture_kind", "TOL", "CUDA_LOGITS_TOL"]
 # fp32 tolerances (absolute) on CPU, from the fixture README; CUDA fp32 (TF32 off) gets LOOSE for logits.
 TOL = {"logits": 1e-4, "var_input": 1e-5, "image": 1e-5, "recon": 1e-4}
 CUDA_LOGITS_TOL = 2e-3
+# more_smooth mixes codebook rows with a Gumbel softmax at tau down to 0.0135 on logits x2, which amplifies
+# fp32 rounding (it depends on the CPU's SIMD kernels) about 150x. The official code itself, run with the
+# fixture's torch 2.13 on an AMD EPYC (AVX2), misses the fixture's smooth image by 0.0245 max / 4.8e-4 mean
+# abs; with ATEN_CPU_CAPABILITY=default, 0.20 max / 5.8e-3 mean. So that image is held to its MEAN abs error:
+# a wrong smoothing (none, or another Gumbel draw) is off by about 0.25 mean.
+SMOOTH_IMAGE_MEAN_TOL = 2e-2
 
 
 def _close(name: str, got: Tensor, want: Tensor, tol: float) -> dict[str, Any]:
     err = (got.detach().float().cpu() - want.float()).abs().max().item() if got.shape == want.shape else float("inf")
     return {"check": name, "max_abs_err": err, "tol": tol, "pass": err <= tol}
+
+
+def _close_on_average(name: str, got: Tensor, want: Tensor, tol: float) -> dict[str, Any]:
+    """Like _close but passes on the mean abs error (the max is reported): for ill-conditioned outputs."""
+    err = (got.detach().float().cpu() - want.float()).abs() if got.shape == want.shape else torch.full((1,), torch.inf)
+    return {"check": name, "max_abs_err": err.max().item(), "mean_abs_err": err.mean().item(),
+            "tol_mean": tol, "pass": err.mean().item() <= tol}
 
 
 def _tokens(name: str, got: list[Tensor], want: list[Tensor], required: bool) -> dict[str, Any]:
@@ -104,7 +117,10 @@ def _check_var_folder(folder: Path, meta: dict, device: torch.device) -> list[di
             out = generate(recorder, run["label_B"], sampling, g_seed=int(run["g_seed"]))
             name = prefix + run_file.stem
             checks.append(_tokens(f"{name}.tokens", out.tokens, want_tokens, on_cpu))
-            if on_cpu:
+            if on_cpu and sampling.more_smooth:
+                checks.append(_close_on_average(f"{name}.image", out.images, run["img_B3HW_01"],
+                                                SMOOTH_IMAGE_MEAN_TOL))
+            elif on_cpu:
                 checks.append(_close(f"{name}.image", out.images, run["img_B3HW_01"],
                                      TOL["image"] if not prefix else TOL["recon"]))
             for si, want in enumerate(run.get("cfg_logits_BlV_first_6_scales", []) if not prefix else []):

@@ -24,6 +24,20 @@ def test_var_d2_fixture_passes(var_d2_dir):
     assert max(c["max_abs_err"] for c in logits) < 1e-4
 
 
+def test_smooth_image_check_fails_without_the_gumbel_mix(var_d2_dir, monkeypatch):
+    # The smooth image is held only to its mean error (it is ill-conditioned), so check that a sampler which
+    # skips the Gumbel-softmax codebook mix fails both it and the tokens (the mix feeds the next scale's input).
+    from varbench.harness import loop
+    from varbench.harness.sampling import draw_tokens
+
+    monkeypatch.setattr(loop, "draw_tokens", lambda *a, **k: draw_tokens(*a, **k)._replace(soft=None))
+    checks = {c["check"]: c for c in run_conformance(var_d2_dir)["checks"]}
+    assert checks["ar_topk900_topp096.image"]["pass"]  # the runs without more_smooth are untouched
+    assert not checks["ar_topk900_topp096_smooth.tokens"]["pass"]
+    smooth = checks["ar_topk900_topp096_smooth.image"]
+    assert not smooth["pass"] and smooth["mean_abs_err"] > 0.1
+
+
 def test_conformance_command_prints_json_and_exits_zero(var_d2_dir, capsys):
     assert main(["conformance", str(var_d2_dir)]) == 0
     report = json.loads(capsys.readouterr().out)
