@@ -1,20 +1,27 @@
-"""Training loop for the small 64 px zoo: the VQVAE tokenizer, VAR and HMAR transformers, CoDe-style refiners
-and the ProjectCNN classifier.
+"""Training loop for the VQVAE tokenizer, VAR and HMAR transformers, CoDe-style refiners and the ProjectCNN
+classifier: the small 64 px zoo on the synthetic set, or real sizes on an ImageNet-style folder (`--data`).
 
     python -m varbench.harness.train {vqvae,var,hmar,classifier} --out DIR --steps N [--depth D] [--resume]
     torchrun --standalone --nproc_per_node 2 -m varbench.harness.train var --out DIR --steps N --vqvae V.pt
     python -m varbench.harness.train var --from-scale 5 --init VAR/model.pt ...       # a CoDe-style refiner
     python -m varbench.harness.train hmar --stage 1 --out H1 ...                       # next-scale path
     python -m varbench.harness.train hmar --stage 2 --init H1/model.pt --out H2 ...    # masked path
+    torchrun --nproc_per_node 8 -m varbench.harness.train var --preset imagenet256 --depth 16 \
+        --data /path/to/imagenet --vqvae vae_ch160v4096z32.pth --workers 8 ...       # ImageNet (README)
 
 What it does (per-kind models, batches and held-out metrics live in `harness.train_tasks`, model-specific losses
 in `varbench.variants.training`):
 * AdamW (no weight decay on biases, gains, embeddings and position tensors), linear warm-up then cosine (or
   linear) decay to `min_lr_ratio`·lr, gradient-norm clipping.
-* Data: the synthetic set (`harness.synthetic`) of `num_train` images; step s draws its batch indices (and
-  the label-dropout coins and HMAR's masks) from generators seeded by (seed, s, rank) alone, so a run's data
-  never depend on how it was interrupted. A disjoint held-out split (global indices from `HELDOUT_START`) is
-  scored at the end.
+* Data (`harness.train_data`): by default the synthetic set (`harness.synthetic`) of `num_train` images, held
+  in memory (VAR and HMAR tokenise it once up front). With `--data PATH`, an ImageNet-style folder
+  (`PATH/train/<class>/*.png|jpg|jpeg|webp`, optional `PATH/val/<class>/...`; class index = sorted position of
+  the directory name) streamed through a DataLoader with `--workers` processes, at the preset's image size with
+  VAR's transform (shorter side to 1.125·size, LANCZOS; random crop, center crop for val; no flip), walked in
+  epochs; VAR and HMAR tokenise each batch with the frozen VQVAE.
+  Step s's batch indices, crops, label-dropout coins and HMAR's masks come from generators seeded by
+  (seed, s, rank) alone, so a run's data never depend on how it was interrupted. The held-out split (synthetic:
+  global indices from `HELDOUT_START`; folder: val/, or none, as summary.json says) is scored at the end.
 * Every `ckpt_every` steps (and at the end / at `stop_at`) rank 0 writes, atomically (tmp file, fsync,
   rename), `out/last.pt` (model, optimizer, scheduler, step, RNG states, config) and `out/model.pt` (the bare
   state dict in the official layout, loadable with `varbench.variants.loading`, `variants.hmar.load_hmar_net`
@@ -46,7 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .shard import barrier, init_distributed
-from .train_tasks import HELDOUT_START, Task, build_task, step_generator
+from .train_tasks import HELDOUT_START, Task, build_task
 
 __all__ = ["KINDS", "TrainConfig", "HELDOUT_START", "train", "lr_factor", "load_checkpoint", "main"]
 
@@ -56,7 +63,8 @@ CHECKPOINT, WEIGHTS, LOG, SUMMARY = "last.pt", "model.pt", "log.jsonl", "summary
 # Settings a resumed run must share with the checkpoint (everything that changes the step sequence).
 _RESUME_KEYS = ("kind", "preset", "depth", "steps", "batch_size", "lr", "weight_decay", "beta1", "beta2",
                 "warmup_steps", "min_lr_ratio", "schedule", "grad_clip", "seed", "data_seed", "num_train",
-                "cond_drop", "vqvae", "init", "from_scale", "stage", "scale_weights")
+                "cond_drop", "vqvae", "init", "from_scale", "stage", "scale_weights", "data")
+_RESUME_DATA_KEYS = ("data_classes", "data_train_images")  # a --data folder must not have changed either
 
 
 @dataclass
@@ -65,7 +73,7 @@ class TrainConfig:
     out: str
     steps: int
     depth: int = 2  # VAR and HMAR
-    preset: str = "zoo"  # model sizes: 'zoo' or 'tiny' (tests)
+    preset: str = "zoo"  # model sizes: 'zoo', 'tiny' (tests) or 'imagenet256' (variants.training)
     batch_size: int = 32  # global batch (split over ranks)
     lr: float = 0.0  # 0: the kind's default
     weight_decay: float = 0.05
@@ -81,6 +89,8 @@ class TrainConfig:
     data_seed: int = 0  # synthetic data set seed
     num_train: int = 10_000
     num_heldout: int = 500
+    data: str = ""  # '' = the synthetic set; else an ImageNet-style folder PATH/train/<class>/... (+ PATH/val/)
+    workers: int = 0  # DataLoader worker processes for `data` (0: load in the training process)
     cond_drop: float = 0.1  # VAR label dropout (null class = num_classes)
     vqvae: str = ""  # VAR, HMAR: the trained tokenizer's model.pt; '' = a seeded random one (tests only)
     init: str = ""  # VAR, HMAR: start from this model.pt instead of the from-scratch init (HMAR: HMAR or VAR layout)
@@ -109,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"stage must be 1, or 2 for kind hmar; got stage {self.stage} for {self.kind!r}")
         if self.stage == 2 and not self.init:
             raise ValueError("HMAR stage 2 starts from a trained stage-1 model: pass init (--init PATH/model.pt)")
+        if self.workers < 0 or (self.workers and not self.data):
+            raise ValueError(f"workers must be >= 0 and applies to --data only, got {self.workers}")
         if self.scale_weights not in ("lognormal", "uniform"):
             raise ValueError(f"scale_weights must be 'lognormal' or 'uniform', got {self.scale_weights!r}")
         self.lr = self.lr or _DEFAULT_LR[self.kind]
@@ -200,6 +212,13 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
         raise ValueError("cannot resume: the run's settings differ from the checkpoint's\n  " + "\n  ".join(diff))
 
 
+def _check_same_data(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in _RESUME_DATA_KEYS
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError("cannot resume: the data folder changed since the checkpoint\n  " + "\n  ".join(diff))
+
+
 def _read_log(path: Path, upto: int) -> list[str]:
     if not path.exists():
         return []
@@ -238,6 +257,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         _check_resumable(state["config"], cfg)
+        _check_same_data(state["info"], task.info)
         model.load_state_dict(state["model"], strict=True)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -263,9 +283,8 @@ def _train(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
     acc: dict[str, float] = {}
     count, t_interval, t_start, grad_norm = 0, time.perf_counter(), time.perf_counter(), 0.0
     step = start
-    for step in range(start, end):
-        idx = torch.randint(cfg.num_train, (cfg.batch_size,), generator=step_generator(cfg, step))
-        loss, metrics = runner(*task.batch(idx, step))
+    for step, (x, labels) in zip(range(start, end), task.data.batches(start, end)):
+        loss, metrics = runner(*task.batch(x, labels, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

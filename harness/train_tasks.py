@@ -3,9 +3,11 @@
 The loop in `harness.train` is generic; a `Task` is everything it needs to know about one kind. The losses
 themselves live in `varbench.variants.training`. Kinds:
 
-* `classifier`, `vqvae`: images straight from the synthetic set.
-* `var`, `hmar`: a frozen tokenizer (`vqvae`, or a seeded random one for tests) turns the data set into token
-  pyramids once; steps draw label-dropout coins (and HMAR's masks) from a generator seeded by (seed, step, rank).
+* `classifier`, `vqvae`: images straight from the data (the synthetic set, or `--data`'s folder).
+* `var`, `hmar`: a frozen tokenizer (`vqvae`, or a seeded random one for tests) turns the synthetic set into token
+  pyramids once (what the zoo build measures); a `--data` folder is too large for that, so each batch is
+  tokenised as it arrives. Steps draw label-dropout coins (and HMAR's masks) from a generator seeded by
+  (seed, step, rank).
   `var` with `from_scale` N > 0 is a CoDe-style refiner (loss on scales ≥ N), usually with `init` a trained VAR.
   `hmar` stage 1 trains the next-scale network, stage 2 (`init` = a stage-1 model.pt) the masked path.
 """
@@ -22,8 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from .synthetic import make_dataset
+from .train_data import FolderData, MemoryData, scan_folder
 
 if TYPE_CHECKING:
+    from varbench.variants.training import ModelSizes
+
     from .train import TrainConfig
 
 __all__ = ["HELDOUT_START", "Task", "build_task", "step_generator"]
@@ -33,13 +38,17 @@ _SEED_STRIDE = 1_000_003
 _EVAL_MASK_SEED = 12345  # held-out masks: one fixed stream, so stage-2 scores are comparable between runs
 
 
+Data = MemoryData | FolderData  # .batches(start, end): this rank's (x, labels) per step; .heldout(size)
+
+
 @dataclass
 class Task:
     model: nn.Module  # trained and exported
     loss_fn: Callable[..., tuple[Tensor, dict[str, float]]]  # (model, *batch) -> (loss, metrics)
-    batch: Callable[[Tensor, int], tuple[Any, ...]]  # (indices, step) -> this rank's batch
+    batch: Callable[[Tensor, Tensor, int], tuple[Any, ...]]  # (this rank's x, labels, step) -> loss_fn's batch
     evaluate: Callable[[], dict[str, float]]
     info: dict[str, Any]
+    data: Data
 
 
 def step_generator(cfg: TrainConfig, step: int, rank: int = -1) -> torch.Generator:
@@ -58,17 +67,36 @@ def _batched(fn: Callable[[slice], None], n: int, size: int = 128) -> None:
         fn(slice(lo, min(n, lo + size)))
 
 
+def _synthetic_indices(cfg: TrainConfig) -> Callable[[int], Tensor]:
+    """Step s's global batch of the synthetic set: uniform draws with replacement from a (seed, s) generator."""
+    return lambda step: torch.randint(cfg.num_train, (cfg.batch_size,), generator=step_generator(cfg, step))
+
+
+def _data(cfg: TrainConfig, sizes: ModelSizes, rank: int, world: int) -> tuple[Data, dict[str, Any]]:
+    """The images and what the summary says about them: the synthetic set in memory, or the --data folder."""
+    if not cfg.data:
+        images, labels = _images(cfg, heldout=False)
+        held_images, held_labels = _images(cfg, heldout=True)
+        return MemoryData(images, labels, held_images, held_labels, _synthetic_indices(cfg), rank, world), {}
+    index = scan_folder(cfg.data)
+    if len(index.classes) > sizes.num_classes:
+        raise ValueError(f"{cfg.data}/train has {len(index.classes)} class directories, but preset {cfg.preset!r} "
+                         f"has {sizes.num_classes} classes")
+    data = FolderData(index, sizes.image_size, cfg.seed, cfg.batch_size, cfg.workers, rank, world,
+                      pin_memory=torch.device(cfg.device).type == "cuda")
+    return data, data.info(cfg.steps)
+
+
 def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
     from varbench.variants import training as T
 
     sizes = T.sizes(cfg.preset)
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    images, labels = _images(cfg, heldout=False)
-    held_images, held_labels = _images(cfg, heldout=True)
+    data, data_info = _data(cfg, sizes, rank, world)
 
-    def shard(x: Tensor) -> Tensor:
-        return x[rank::world].to(device)
+    def images_labels(x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        return x.to(device), y.to(device)
 
     if cfg.kind == "classifier":
         from .extractors import ProjectCNN
@@ -77,18 +105,18 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
 
         @torch.no_grad()
         def evaluate() -> dict[str, float]:
+            if not data.held_count:
+                return {}
             model.eval()
             correct = torch.zeros(())
-
-            def score(sl: slice) -> None:
-                logits = model(held_images[sl].permute(0, 3, 1, 2).contiguous().to(device))
-                correct.add_((logits.argmax(-1).cpu() == held_labels[sl]).sum())
-            _batched(score, len(held_labels))
+            for x, y in data.heldout(128):
+                logits = model(x.permute(0, 3, 1, 2).contiguous().to(device))
+                correct.add_((logits.argmax(-1).cpu() == y).sum())
             model.train()
-            return {"heldout_acc": correct.item() / len(held_labels), "chance": 1 / sizes.num_classes}
+            return {"heldout_acc": correct.item() / data.held_count, "chance": 1 / sizes.num_classes}
 
-        return Task(model, T.classifier_step, lambda idx, step: (shard(images[idx]), shard(labels[idx])),
-                    evaluate, {"num_classes": sizes.num_classes})
+        return Task(model, T.classifier_step, images_labels, evaluate,
+                    {"num_classes": sizes.num_classes, **data_info}, data)
 
     if cfg.kind == "vqvae":
         from varbench.variants.vqvae import VQVAE
@@ -98,36 +126,26 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
 
         @torch.no_grad()
         def evaluate() -> dict[str, float]:
+            if not data.held_count:
+                return {}
             model.eval()
             err, used = torch.zeros(()), torch.zeros(sizes.vqvae.vocab_size, dtype=torch.bool)
-
-            def score(sl: slice) -> None:  # the inference path: tokens -> f_hat -> decode
-                x = T.images_to_tensor(held_images[sl]).to(device)
+            for images, _ in data.heldout(128):  # the inference path: tokens -> f_hat -> decode
+                x = T.images_to_tensor(images).to(device)
                 tokens = model.encode_tokens(x, pn)
                 recon = model.decode(model.tokens_to_fhat(tokens, pn))
                 err.add_((recon - x).square().mean(dim=(1, 2, 3)).sum().cpu())
                 for t in tokens:
                     used[t.flatten().cpu()] = True
-            _batched(score, len(held_labels))
             model.train()
-            mse = err.item() / len(held_labels)
+            mse = err.item() / data.held_count
             return {"heldout_mse": mse, "heldout_psnr": 10 * math.log10(4 / mse), "code_usage": used.float().mean().item()}
 
-        return Task(model, lambda m, x: T.vqvae_step(m, x, pn), lambda idx, step: (shard(images[idx]),),
-                    evaluate, {"vqvae_config": asdict(sizes.vqvae), "patch_nums": list(pn)})
+        return Task(model, lambda m, x: T.vqvae_step(m, x, pn), lambda x, y, step: (x.to(device),), evaluate,
+                    {"vqvae_config": asdict(sizes.vqvae), "patch_nums": list(pn), **data_info}, data)
 
-    # VAR and HMAR: a frozen tokenizer turns the data set into token pyramids once.
-    from varbench.variants.loading import load_vqvae
-    from varbench.variants.vqvae import VQVAE
-
-    if cfg.vqvae:
-        vae = load_vqvae(cfg.vqvae).float()
-        if vae.cfg.vocab_size != sizes.vqvae.vocab_size or vae.cfg.z_channels != sizes.vqvae.z_channels:
-            raise ValueError(f"{cfg.vqvae} (vocab {vae.cfg.vocab_size}, Cvae {vae.cfg.z_channels}) does not fit "
-                             f"preset {cfg.preset!r} (vocab {sizes.vqvae.vocab_size}, Cvae {sizes.vqvae.z_channels})")
-    else:
-        vae = T.init_vqvae_(VQVAE(sizes.vqvae), torch.Generator().manual_seed(cfg.seed + 1))
-    vae = vae.to(device).eval().requires_grad_(False)
+    # VAR and HMAR: a frozen tokenizer turns the synthetic set into token pyramids once, a folder per batch.
+    vae = _tokenizer(cfg, sizes, device)
     pn = sizes.patch_nums
     seq_len = sum(p * p for p in pn)
     ends = np.cumsum([p * p for p in pn])[:-1].tolist()
@@ -141,20 +159,46 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
         _batched(enc, len(imgs))
         return out
 
-    tokens, held_tokens = tokenize(images), tokenize(held_images)
-    data = _TokenData(tokens, labels, held_tokens, held_labels, ends, device)
-    info = {"vqvae": cfg.vqvae or f"random (seed {cfg.seed + 1})"}
+    @torch.no_grad()
+    def encode(images: Tensor) -> Tensor:  # one streamed batch, uint8 on the device first (a quarter the bytes)
+        return torch.cat(vae.encode_tokens(T.images_to_tensor(images.to(device)), pn), dim=1)
+
+    if isinstance(data, MemoryData):
+        data = MemoryData(tokenize(data.x), data.labels, tokenize(data.held_x), data.held_labels, data.indices,
+                          rank, world)
+        tokens = _TokenData(data, lambda t: t.to(device), ends, device)
+    else:
+        tokens = _TokenData(data, encode, ends, device)
+    info = {"vqvae": cfg.vqvae or f"random (seed {cfg.seed + 1})", **data_info}
     if cfg.kind == "var":
-        return _var_task(cfg, vae, gen, data, shard, rank, info)
-    return _hmar_task(cfg, vae, gen, data, shard, rank, info)
+        return _var_task(cfg, vae, gen, tokens, rank, info)
+    return _hmar_task(cfg, vae, gen, tokens, rank, info)
+
+
+def _tokenizer(cfg: TrainConfig, sizes: ModelSizes, device: torch.device) -> nn.Module:
+    """The frozen VQVAE of a VAR or HMAR job: `cfg.vqvae` (checked against the preset), or a seeded random one."""
+    from varbench.variants import training as T
+    from varbench.variants.loading import load_vqvae
+    from varbench.variants.vqvae import VQVAE
+
+    if cfg.vqvae:
+        vae = load_vqvae(cfg.vqvae).float()
+        if vae.cfg.vocab_size != sizes.vqvae.vocab_size or vae.cfg.z_channels != sizes.vqvae.z_channels:
+            raise ValueError(f"{cfg.vqvae} (vocab {vae.cfg.vocab_size}, Cvae {vae.cfg.z_channels}) does not fit "
+                             f"preset {cfg.preset!r} (vocab {sizes.vqvae.vocab_size}, Cvae {sizes.vqvae.z_channels})")
+        down, last = 2 ** (len(vae.cfg.ch_mult) - 1), sizes.patch_nums[-1]
+        if down * last != sizes.image_size:  # else the last scale's token map is not the latent's size
+            raise ValueError(f"{cfg.vqvae} downsamples {down}x, so a {last}x{last} last scale needs "
+                             f"{down * last} px images; preset {cfg.preset!r} uses {sizes.image_size} px")
+    else:
+        vae = T.init_vqvae_(VQVAE(sizes.vqvae), torch.Generator().manual_seed(cfg.seed + 1))
+    return vae.to(device).eval().requires_grad_(False)
 
 
 @dataclass
 class _TokenData:
-    tokens: Tensor  # (N, L) training token pyramids
-    labels: Tensor
-    held_tokens: Tensor
-    held_labels: Tensor
+    data: Data  # token pyramids in memory (synthetic), or images streamed from a folder
+    tokens: Callable[[Tensor], Tensor]  # a batch of data's samples -> (B, L) tokens on the device
     ends: list[int]  # split points of the L positions into scales
     device: torch.device
 
@@ -162,20 +206,16 @@ class _TokenData:
         return list(tok.tensor_split(self.ends, dim=1))
 
     def heldout_mean(self, score: Callable[[list[Tensor], Tensor], dict[str, float]]) -> dict[str, float]:
-        """Held-out average of per-batch metrics (each weighted by its batch size)."""
+        """Held-out average of per-batch metrics (each weighted by its batch size); {} without a held-out split."""
         totals: dict[str, float] = {}
-        n = len(self.held_labels)
-
-        def run(sl: slice) -> None:
-            tok, lab = self.split(self.held_tokens[sl].to(self.device)), self.held_labels[sl].to(self.device)
-            for k, v in score(tok, lab).items():
-                totals[k] = totals.get(k, 0.0) + v * (sl.stop - sl.start)
-        _batched(run, n, 64)
-        return {k: v / n for k, v in totals.items()}
+        for x, lab in self.data.heldout(64):
+            for k, v in score(self.split(self.tokens(x)), lab.to(self.device)).items():
+                totals[k] = totals.get(k, 0.0) + v * len(lab)
+        return {k: v / self.data.held_count for k, v in totals.items()}
 
 
-def _var_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _TokenData,
-              shard: Callable[[Tensor], Tensor], rank: int, info: dict[str, Any]) -> Task:
+def _var_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _TokenData, rank: int,
+              info: dict[str, Any]) -> Task:
     from varbench.harness.checkpoints import load_strict, read_state_dict
     from varbench.variants import training as T
     from varbench.variants.loading import identify
@@ -197,8 +237,8 @@ def _var_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _Tok
     else:
         model = T.init_var_(VARNet(var_cfg), gen)
 
-    def batch(idx: Tensor, step: int) -> tuple[Any, ...]:
-        return (shard(data.tokens[idx]), shard(data.labels[idx]), step_generator(cfg, step, rank))
+    def batch(x: Tensor, labels: Tensor, step: int) -> tuple[Any, ...]:
+        return data.tokens(x), labels.to(data.device), step_generator(cfg, step, rank)
 
     def loss_fn(m: nn.Module, tok: Tensor, lab: Tensor, coins: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         return T.var_step(m, vae, data.split(tok), lab, cfg.cond_drop, coins, cfg.from_scale)
@@ -219,11 +259,11 @@ def _var_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _Tok
 
     if cfg.init or cfg.from_scale:  # only then: plain VAR summaries stay as they were
         info.update(init=cfg.init or "scratch", from_scale=cfg.from_scale)
-    return Task(model, loss_fn, batch, evaluate, {"var_config": asdict(var_cfg), **info})
+    return Task(model, loss_fn, batch, evaluate, {"var_config": asdict(var_cfg), **info}, data.data)
 
 
-def _hmar_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _TokenData,
-               shard: Callable[[Tensor], Tensor], rank: int, info: dict[str, Any]) -> Task:
+def _hmar_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _TokenData, rank: int,
+               info: dict[str, Any]) -> Task:
     from varbench.harness.checkpoints import load_strict, read_state_dict
     from varbench.variants import training as T
     from varbench.variants.hmar_model import HMARConfig, HMARNet
@@ -255,8 +295,8 @@ def _hmar_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _To
     pn = h_cfg.patch_nums
     weights = T.token_weights(pn, cfg.scale_weights)
 
-    def batch(idx: Tensor, step: int) -> tuple[Any, ...]:
-        return (shard(data.tokens[idx]), shard(data.labels[idx]), step_generator(cfg, step, rank))
+    def batch(x: Tensor, labels: Tensor, step: int) -> tuple[Any, ...]:
+        return data.tokens(x), labels.to(data.device), step_generator(cfg, step, rank)
 
     def loss_fn(m: nn.Module, tok: Tensor, lab: Tensor, coins: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         if cfg.stage == 2:
@@ -283,7 +323,8 @@ def _hmar_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _To
 
     return Task(model, loss_fn, batch, evaluate,
                 {"hmar_config": asdict(h_cfg), **info, "stage": cfg.stage, "init": cfg.init or "scratch",
-                 "scale_weights": cfg.scale_weights if cfg.stage == 1 else "none (masked positions, unweighted)"})
+                 "scale_weights": cfg.scale_weights if cfg.stage == 1 else "none (masked positions, unweighted)"},
+                data.data)
 
 
 def _ns_ce_at(net: nn.Module, vae: nn.Module, tokens: list[Tensor], labels: Tensor,

@@ -31,7 +31,7 @@ from .hmar_model import HMARConfig, HMARNet
 from .var_model import PATCH_NUMS, VARConfig, VARNet
 from .vqvae import VQVAE, VQVAEConfig
 
-__all__ = ["ZOO_PATCH_NUMS", "ZOO_IMAGE_SIZE", "ZOO_NUM_CLASSES", "ZOO_VAR_DEPTHS", "ModelSizes", "ZOO", "TINY",
+__all__ = ["ZOO_PATCH_NUMS", "ZOO_IMAGE_SIZE", "ZOO_NUM_CLASSES", "ZOO_VAR_DEPTHS", "ModelSizes", "ZOO", "TINY", "IMAGENET256",
            "sizes", "var_config", "init_var_", "init_vqvae_", "images_to_tensor", "quantize_train",
            "hmar_config", "hmar_n_layers_train", "init_hmar_", "lognormal_scale_weights", "token_weights",
            "draw_mask_positions", "hmar_ns_step", "hmar_mask_step", "hmar_trainable_", "start_masked_path_",
@@ -55,6 +55,7 @@ class ModelSizes:
     width_per_depth: int = 64  # VAR width = 64·depth and heads = depth (head dim 64), as in the released VARs
     patch_nums: tuple[int, ...] = ZOO_PATCH_NUMS
     num_classes: int = ZOO_NUM_CLASSES
+    image_size: int = ZOO_IMAGE_SIZE  # px: the VQVAE's downsampling (2^(levels−1)) times patch_nums[-1]
 
 
 # The zoo: an 8x VQVAE (64 px -> 8x8 latent; three downsamples), vocab 512, Cvae 16, one res block per level;
@@ -66,7 +67,14 @@ ZOO = ModelSizes("zoo", VQVAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=
 # Test preset: same schedule and image size, a much thinner tokenizer and width 32·depth.
 TINY = ModelSizes("tiny", VQVAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, vocab_size=64, z_channels=8,
                                       num_phi=4, hit_rows=len(ZOO_PATCH_NUMS)), width_per_depth=32)
-_PRESETS = {p.name: p for p in (ZOO, TINY)}
+# Real size, for ImageNet folders (`train --data`): the official tokenizer vae_ch160v4096z32 (VQVAEConfig's
+# defaults: ch 160, ch_mult (1,1,2,2,4), 2 res blocks, vocab 4096, Cvae 32) and VARConfig's defaults (the 256 px
+# schedule of 10 scales, 1000 classes); width 64·depth, heads = depth; 16x downsampling · 16 = 256 px
+# (docs/VAR_SPEC.md §1).
+_OFFICIAL_VAR = VARConfig()
+IMAGENET256 = ModelSizes("imagenet256", VQVAEConfig(), width_per_depth=64, patch_nums=_OFFICIAL_VAR.patch_nums,
+                         num_classes=_OFFICIAL_VAR.num_classes, image_size=256)
+_PRESETS = {p.name: p for p in (ZOO, TINY, IMAGENET256)}
 
 
 def sizes(preset: str) -> ModelSizes:
@@ -458,7 +466,7 @@ TOKENIZE_MINUTES = 1.5  # a VAR job's one-off encoding of the data set by the fr
 ZOO_PLAN: dict[str, dict[str, float]] = {  # steps and global batch per zoo member
     "vqvae": {"steps": 1200, "batch_size": 16},
     "classifier": {"steps": 600, "batch_size": 64},
-    **{f"var_d{d}": {"steps": 500, "batch_size": 32} for d in ZOO_VAR_DEPTHS},
+    **{f"var_d{d}": {"steps": 1500, "batch_size": 32, "lr": 3e-3} for d in ZOO_VAR_DEPTHS},
 }
 ZOO_LANES: tuple[tuple[str, ...], ...] = (("var_d5", "var_d1"), ("var_d4", "var_d3", "var_d2"))
 
