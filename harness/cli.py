@@ -4,7 +4,7 @@
     varbench table RESULTS [--format md|csv]          the tables of recorded results
     varbench fit RESULTS|CSV --x COL --y COL [--floor] power-law fits with intervals
     varbench reproduce TABLE [--measured RESULTS]     a published table beside our measurements (--list)
-    varbench train KIND --out DIR --steps N           train a small model on the synthetic data set; KIND:
+    varbench train KIND --out DIR --steps N           train on the synthetic set (or --data IMAGENET_DIR); KIND:
                                                       vqvae, var (--from-scale N --init VAR.pt: a CoDe-style
                                                       refiner), hmar (--stage 1, then --stage 2 --init), classifier
     varbench train zoo --out DIR --export             retrain the shipped zoo from scratch (~75 min, 2 CPUs)
@@ -297,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--list", action="store_true", help="list the published tables")
     r.set_defaults(fn=_cmd_reproduce)
 
-    sub.add_parser("train", help="train a small model on the synthetic data set: varbench train --help")
+    sub.add_parser("train", help="train on the synthetic set or an ImageNet folder (--data): varbench train --help")
 
     ls = sub.add_parser("list", help="list registered variants")
     ls.add_argument("pattern", nargs="?", default="*")
