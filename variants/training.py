@@ -461,8 +461,8 @@ def hmar_state_from_var(var_sd: dict[str, Tensor], net: HMARNet) -> dict[str, Te
 #
 # These models are far from trained. VAR-d2 alone: held-out CE 1.778 at this plan, 1.549 after 2000 steps at
 # 1e-3, 1.442 after 2000 at 3e-3 (FID on 256 samples 3077, 2913, 2770). But one rate for every width does not
-# carry: 1500 steps at 3e-3 for all five gave d3 1.451, d4 1.524, d5 1.554 (every size better than at this
-# plan, yet the larger ones worse than d3, so no power law). A longer plan needs the rate scaled per width
+# carry: 1500 steps at 3e-3 for all five gave d1..d5 1.599, 1.496, 1.451, 1.524, 1.554 (every size better
+# than at this plan, yet d4 and d5 worse than d3, so no power law). A longer plan needs the rate scaled per width
 # (e.g. 3e-3·64/width) and about 45 min of VAR lanes; it has not been run.
 
 SECONDS_PER_STEP_1THREAD = {"vqvae": 3.47, "classifier": 0.60, "var_d1": 0.084, "var_d2": 0.207, "var_d3": 0.463,
