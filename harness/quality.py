@@ -38,7 +38,8 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from .extractors import (INCEPTION, PROJECT_CNN, PROJECT_CNN_VERSION, check_images, describe_extractor,
                          extract_features, feature_layers, file_sha256, resolve_weights, weights_sha256)
 
-__all__ = ["Reference", "reference_stats", "reference_from_images", "score", "QUALITY_METRIC_NAMES"]
+__all__ = ["Reference", "reference_stats", "reference_from_images", "score", "fid_difference",
+           "QUALITY_METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +323,39 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
     log.info("quality of %d images (%s): %s", n, name,
              ", ".join(f"{k}={out[k]:.4g}" for k in interval_keys))
     return out
+
+
+def fid_difference(images: np.ndarray, baseline: np.ndarray, reference: Reference, extractor: str,
+                   weights: str | None, device: str = "cpu", bootstrap: int = 100, seed: int = 0) -> dict[str, Any]:
+    """FID(images) − FID(baseline) with a paired-bootstrap 95% interval.
+
+    Image i of both sets comes from the same seed and label, so each resample draws the same indices from
+    both and the difference's interval leaves out the spread the two sets share (which labels, which seeds).
+    Two FIDs whose own intervals overlap can still differ beyond this one: it answers "is the variant worse
+    than the baseline on these seeds", the question a speedup table asks.
+    """
+    check_images(images, "generated images")
+    check_images(baseline, "baseline images")
+    _require(images.shape == baseline.shape, f"paired FID needs equal sets: {images.shape} vs {baseline.shape}")
+    _require(len(images) >= 2, f"FID needs at least 2 generated images, got {len(images)}")
+    weights = resolve_weights(extractor, weights)
+    name = describe_extractor(extractor, weights)
+    _require(reference.extractor == name, f"reference {reference.source} was computed with "
+             f"{reference.extractor}, not {name}: recompute it with the same extractor and weights")
+    layer = feature_layers(extractor)["fid"]
+    ref_stats = {"mu": reference.mu.astype(np.float64), "sigma": reference.sigma.astype(np.float64)}
+    pools = [extract_features(x, extractor, weights, device)[layer].cpu() for x in (images, baseline)]
+
+    def fid(stats: dict[str, np.ndarray]) -> float:
+        return fid_statistics_to_metric(stats, ref_stats, False)[KEY_METRIC_FID]
+
+    full = [dict(zip(("mu", "sigma"), _stats(pool))) for pool in pools]  # as `score` computes its point
+    point = fid(full[0]) - fid(full[1])
+    pools = [pool.double() for pool in pools]
+    n = len(images)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(bootstrap):
+        counts = np.bincount(rng.integers(0, n, size=n), minlength=n)
+        draws.append(fid(_weighted_stats(pools[0], counts)) - fid(_weighted_stats(pools[1], counts)))
+    return {"fid_delta": point, "fid_delta_ci95": _interval(draws, point) if bootstrap > 0 else None}

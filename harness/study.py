@@ -328,9 +328,11 @@ def _reference(q, size: int, device: str):
 
 
 def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar) -> list[dict[str, Any]]:
-    """PSNR/SSIM/LPIPS of every cell against the baseline cell (the baseline variant with the first KV policy
-    at the first sweep point), on the same seeds; cells whose sample sets differ in shape are skipped."""
+    """PSNR/SSIM/LPIPS and the paired FID difference of every cell against the baseline cell (the baseline
+    variant with the first KV policy at the first sweep point), on the same seeds; cells whose sample sets
+    differ in shape are skipped."""
     from .consistency import consistency
+    from .quality import fid_difference
 
     study, out = run.study, []
     base_variant = study.baseline or study.variants[0]
@@ -339,7 +341,8 @@ def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar
     for i, cell in enumerate(cells):
         if i == base or i not in samples or base not in samples:
             continue
-        chash = config_hash({"kind": "consistency", "cell": samples[i].name, "baseline": samples[base].name})
+        chash = config_hash({"kind": "consistency", "cell": samples[i].name, "baseline": samples[base].name,
+                             "fid_delta": True})
         if ("consistency", chash) in done:
             continue
         a, b = _load_images(samples[base]), _load_images(samples[i])
@@ -349,7 +352,10 @@ def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar
             continue
         bar.set_description(f"{cell.label}: consistency")
         t0 = time.time()
-        metrics = consistency(a, b, cell.config.quality.lpips_weights, bootstrap=cell.config.quality.bootstrap,
-                              seed=cell.config.seed)
+        q = cell.config.quality
+        metrics = consistency(a, b, q.lpips_weights, bootstrap=q.bootstrap, seed=cell.config.seed)
+        if "fid" in q.metrics:  # paired: the variant's FID minus the baseline's on the same seeds
+            metrics.update(fid_difference(b, a, _reference(q, a.shape[1], run.device), q.extractor,
+                                          q.extractor_weights, run.device, q.bootstrap, cell.config.seed))
         out.append(run.record("consistency", cell, chash, metrics, t0, baseline=cells[base].label))
     return out

@@ -283,3 +283,21 @@ def test_inception_fid_and_adm_npz(random_inception_weights, tmp_path) -> None:
     assert from_adm["settings"]["fid_stats_from"] == "npz mu/sigma"
     with pytest.raises(ValueError, match="only mu/sigma"):
         score(a, adm, ["kid"], ex.INCEPTION, w)
+
+
+def test_fid_difference_is_the_difference_of_fids_with_a_paired_interval(sets, ref_b) -> None:
+    base = sets["dark"]  # far from FID's finite-sample floor, as generated sets are
+    same = q.fid_difference(base, base, ref_b, CNN, W, bootstrap=20)
+    assert same["fid_delta"] == 0.0 and same["fid_delta_ci95"] == [0.0, 0.0]  # paired draws cancel exactly
+    # A variant that darkens every baseline image by 2%: the same seeds, a small shift.
+    darker = np.clip(base.astype(np.float64) * 0.98, 0, 255).astype(np.uint8)
+    got = q.fid_difference(darker, base, ref_b, CNN, W, bootstrap=100)
+    alone = [score(x, ref_b, ["fid"], CNN, W, bootstrap=100) for x in (darker, base)]
+    assert got["fid_delta"] == pytest.approx(alone[0]["fid"] - alone[1]["fid"], rel=1e-9)
+    lo, hi = got["fid_delta_ci95"]
+    assert lo > 0  # worse beyond its interval ...
+    (lo_d, hi_d), (lo_b, hi_b) = alone[0]["fid_ci95"], alone[1]["fid_ci95"]
+    assert lo_d < hi_b  # ... while the two FIDs' own intervals overlap
+    assert hi - lo < 0.5 * min(hi_d - lo_d, hi_b - lo_b)
+    with pytest.raises(ValueError, match="paired FID needs equal sets"):
+        q.fid_difference(darker[:10], base, ref_b, CNN, W)

@@ -66,6 +66,10 @@ def test_consistency_compares_with_the_baseline_on_the_same_seeds(finished):
     (rec,) = [r for r in records if r["kind"] == "consistency"]
     assert rec["cell"]["sweep"] == {"sample.cfg": 3.0} and rec["baseline"] == "test_var full sample.cfg=1.5"
     assert 0 < rec["metrics"]["psnr_db"] < 100 and -1 <= rec["metrics"]["ssim"] < 1
+    fid = {r["label"]: r["metrics"]["fid"] for r in records if r["kind"] == "quality"}
+    assert rec["metrics"]["fid_delta"] == pytest.approx(fid[rec["label"]] - fid[rec["baseline"]], rel=1e-6)
+    lo, hi = rec["metrics"]["fid_delta_ci95"]
+    assert lo <= rec["metrics"]["fid_delta"] <= hi
 
 
 def test_a_cut_last_line_is_ignored_and_only_its_measurement_is_redone(finished, tmp_path):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from varbench.harness.speedgate import THRESHOLD, judge, minima, ratios
+from varbench.harness.speedgate import THRESHOLD, judge, ratios
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
         if not path.is_file():
             subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/speed", "-m", "speed", "-p", "no:cacheprovider",
                             f"--benchmark-json={path}"], check=True, capture_output=True)
-        runs.append(ratios(minima(json.loads(path.read_text()))))
+        runs.append(ratios(json.loads(path.read_text())))
     names = sorted(runs[0])
     expected = {n: statistics.median(r[n] for r in runs[: args.calibrate]) for n in names}
     judged = runs[args.calibrate:]
