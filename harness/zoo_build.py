@@ -38,15 +38,20 @@ Job = tuple[str, list[str]]
 
 
 def job_args(name: str, out: Path, device: str = "cpu", threads: int = 1) -> list[str]:
-    """The trainer's command line of one zoo member (kind, steps and batch from ZOO_PLAN)."""
-    plan = T.ZOO_PLAN[name]
-    kind, _, depth = name.partition("_d")
-    args = [kind, "--out", str(out / name), "--steps", str(plan["steps"]), "--batch-size", str(plan["batch_size"]),
+    """The trainer's command line of one zoo member (its `ZooJob` in ZOO_PLAN); runs write OUT/<name>/."""
+    job = T.ZOO_PLAN[name]
+    args = [job.kind, "--out", str(out / name), "--steps", str(job.steps), "--batch-size", str(job.batch_size),
             "--preset", "zoo", "--device", device, "--threads", str(threads), "--resume", "--no-progress"]
-    if "lr" in plan:
-        args += ["--lr", repr(plan["lr"])]
-    if kind == "var":
-        args += ["--depth", depth, "--vqvae", str(out / "vqvae" / WEIGHTS)]
+    if job.lr is not None:
+        args += ["--lr", repr(job.lr)]
+    if job.kind in ("var", "hmar"):
+        args += ["--depth", str(job.depth), "--vqvae", str(out / "vqvae" / WEIGHTS)]
+    if job.init:
+        args += ["--init", str(out / job.init / WEIGHTS)]
+    if job.from_scale:
+        args += ["--from-scale", str(job.from_scale)]
+    if job.stage != 1:
+        args += ["--stage", str(job.stage)]
     return args
 
 
@@ -84,14 +89,14 @@ def _run_lanes(lanes: Sequence[Sequence[Job]], out: Path) -> None:
     from tqdm.auto import tqdm
 
     names = [name for jobs in lanes for name, _ in jobs]
-    total = sum(T.ZOO_PLAN[n]["steps"] for n in names)
+    total = sum(T.ZOO_PLAN[n].steps for n in names)
     threads = [threading.Thread(target=lane, args=(jobs,), daemon=True) for jobs in lanes]
     for t in threads:
         t.start()
     with tqdm(total=total, desc=" + ".join(names), unit="step") as bar:
         while any(t.is_alive() for t in threads):
             time.sleep(2.0)
-            bar.n = sum(min(_steps_done(out / n), T.ZOO_PLAN[n]["steps"]) for n in names)
+            bar.n = sum(min(_steps_done(out / n), T.ZOO_PLAN[n].steps) for n in names)
             bar.refresh()
     if failures:
         raise RuntimeError("zoo training failed: " + "; ".join(failures))
@@ -114,8 +119,16 @@ def _loss_curve(run: Path) -> list[list[float]]:
     return [[r["step"], round(r["loss"], 5)] for r in rows]
 
 
+def _record(run: Path) -> dict[str, Any]:
+    """What the manifest keeps of one finished run: size, training config, held-out metrics, loss curve."""
+    summary = json.loads((run / SUMMARY).read_text())
+    return {"params": summary["params"], "train_config": load_checkpoint(run / "last.pt")["config"],
+            "heldout": {k: v for k, v in summary.items() if k.startswith(("heldout", "code_usage"))},
+            "steps_per_s": summary["steps_per_s"], "loss_curve": _loss_curve(run)}
+
+
 def export(out: str | Path, dest: str | Path, train_minutes: float | None = None,
-           names: Sequence[str] = tuple(T.ZOO_PLAN)) -> dict[str, Any]:
+           names: Sequence[str] = T.ZOO_SHIPPED) -> dict[str, Any]:
     """Writes each finished member's weights as an fp16 state dict into `dest`, with manifest.json."""
     from .extractors import file_sha256
 
@@ -132,12 +145,10 @@ def export(out: str | Path, dest: str | Path, train_minutes: float | None = None
         tmp = file.with_suffix(".tmp")
         torch.save(half, tmp)
         tmp.replace(file)
-        summary = json.loads((run / SUMMARY).read_text())
-        config = load_checkpoint(run / "last.pt")["config"]
-        models[name] = {"file": file.name, "sha256": file_sha256(file), "bytes": file.stat().st_size,
-                        "params": summary["params"], "train_config": config,
-                        "heldout": {k: v for k, v in summary.items() if k.startswith(("heldout", "code_usage"))},
-                        "steps_per_s": summary["steps_per_s"], "loss_curve": _loss_curve(run)}
+        models[name] = {"file": file.name, "sha256": file_sha256(file), "bytes": file.stat().st_size, **_record(run)}
+        init = T.ZOO_PLAN[name].init if name in T.ZOO_PLAN else ""
+        if init and init not in T.ZOO_SHIPPED and _finished(out / init):  # an intermediate run (HMAR stage 1)
+            models[name]["init_run"] = {"name": init, **_record(out / init)}
     env = capture_env("cpu")
     doc = {"schema": 1, "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "torch": env["torch"],
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

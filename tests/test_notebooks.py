@@ -47,4 +47,4 @@ def test_scaling_notebook_fits_the_published_zoo_and_reads_our_records(default_r
 
 def test_frontier_notebook_plots_the_cells_of_a_run(default_records, tmp_path, monkeypatch):
     text = _run("frontier.ipynb", default_records, tmp_path, monkeypatch)
-    assert "6 cells" in text and "Pareto front:" in text and "FID ↓" in text
+    assert "7 cells" in text and "Pareto front:" in text and "FID ↓" in text

@@ -102,10 +102,27 @@ def test_build_runs_each_member_with_the_planned_arguments(tmp_path):
     args = zoo_build.job_args("var_d3", tmp_path)
     assert args[0] == "var" and args[args.index("--depth") + 1] == "3" and "--resume" in args
     assert args[args.index("--vqvae") + 1] == str(tmp_path / "vqvae" / "model.pt")
-    assert args[args.index("--steps") + 1] == str(T.ZOO_PLAN["var_d3"]["steps"])
+    assert args[args.index("--steps") + 1] == str(T.ZOO_PLAN["var_d3"].steps)
     assert zoo_build.job_args("vqvae", tmp_path, threads=2)[:2] == ["vqvae", "--out"]
+    refiner = zoo_build.job_args("refiner_d2", tmp_path)
+    assert refiner[refiner.index("--from-scale") + 1] == str(T.ZOO_CODE_DRAFT_STEPS)
+    assert refiner[refiner.index("--init") + 1] == str(tmp_path / "var_d2" / "model.pt")
+    hmar = zoo_build.job_args("hmar_d5", tmp_path)
+    assert hmar[0] == "hmar" and hmar[hmar.index("--stage") + 1] == "2"
+    assert hmar[hmar.index("--init") + 1] == str(tmp_path / "hmar_d5_ns" / "model.pt")
     with pytest.raises(RuntimeError, match="has not finished training"):
         zoo_build.export(tmp_path, tmp_path / "zoo", names=["vqvae"])
+
+
+def test_the_plan_trains_every_member_once_after_what_it_starts_from():
+    lanes = [list(lane) for lane in T.ZOO_LANES]
+    in_lanes = [n for lane in lanes for n in lane]
+    assert sorted(in_lanes) == sorted(n for n in T.ZOO_PLAN if n not in ("vqvae", "classifier"))
+    for lane in lanes:
+        for i, name in enumerate(lane):
+            init = T.ZOO_PLAN[name].init
+            assert not init or init in lane[:i], f"{name} starts from {init}, which must come before it in its lane"
+    assert "hmar_d5_ns" not in T.ZOO_SHIPPED and "hmar_d5" in T.ZOO_SHIPPED
 
 
 def test_one_registered_factory_per_zoo_depth():
@@ -123,7 +140,7 @@ shipped = pytest.mark.skipif(not SHIPPED.is_file(), reason="no zoo in this check
 @shipped
 def test_shipped_zoo_matches_its_manifest_and_fits_the_budget():
     doc = manifest(zoo.ZOO_DIR)
-    assert set(doc["models"]) == set(T.ZOO_PLAN)
+    assert set(doc["models"]) == set(T.ZOO_SHIPPED)
     total = 0
     for name in doc["models"]:
         path = Path(zoo_file(name, zoo.ZOO_DIR))  # checks the sha256
@@ -141,3 +158,36 @@ def test_shipped_zoo_test_loss_falls_as_a_power_law_of_parameters():
     assert len(names) >= 5 and loss == sorted(loss, reverse=True)
     fit = fit_power_law(params, loss, holdout=0)
     assert fit.alpha < 0 and fit.r <= -0.95
+
+
+@shipped
+def test_shipped_code_refiner_is_specialised_to_the_scales_it_makes():
+    """The fine-tuned refiner beats the plain VAR-d2 it started from on the scales CoDe gives it (held-out)."""
+    from varbench.harness.synthetic import make_dataset
+    from varbench.harness.train_tasks import HELDOUT_START
+    from varbench.variants.loading import load_vqvae
+
+    images, labels = make_dataset(256, seed=0, start=HELDOUT_START)  # the trainer's held-out split
+    vae = load_vqvae(zoo_file("vqvae")).float().eval()
+    x, y = T.images_to_tensor(torch.from_numpy(images)), torch.from_numpy(labels).long()
+    with torch.no_grad():
+        tokens = vae.encode_tokens(x, T.ZOO_PATCH_NUMS)
+        ce = {name: T.var_step(load_var_net(zoo_file(name)), vae, tokens, y, 0.0, None,
+                               T.ZOO_CODE_DRAFT_STEPS)[0].item() for name in ("var_d2", "refiner_d2")}
+    assert ce["refiner_d2"] < ce["var_d2"] - 0.005, ce
+    code = VARIANTS.get("code_zoo_d5_d2")()
+    assert "refiner zoo:refiner_d2" in code.weights and code.draft_steps == T.ZOO_CODE_DRAFT_STEPS
+    assert "refiner zoo:var_d2" in VARIANTS.get("code_zoo_d5_d2")(finetuned=False).weights
+
+
+@shipped
+def test_shipped_hmar_masked_path_predicts_better_than_its_next_scale_path():
+    entry = manifest(zoo.ZOO_DIR)["models"]["hmar_d5"]
+    held = entry["heldout"]
+    assert entry["train_config"]["stage"] == 2 and entry["init_run"]["name"] == "hmar_d5_ns"  # stage 1 recorded
+    # same held-out masked positions: the masked path sees the scale's other tokens, the next-scale pass does not
+    assert held["heldout_mask_ce"] < held["heldout_ns_ce_masked"]
+    hmar = VARIANTS.get("hmar_zoo_d5")()
+    out = generate(hmar, torch.tensor([0, 7]), SampleConfig(cfg=1.5, top_k=50, top_p=0.96), g_seed=0)
+    assert out.images.shape == (2, 3, 64, 64) and "zoo:hmar_d5" in hmar.weights
+    assert [t.shape for t in out.tokens] == [(2, pn * pn) for pn in T.ZOO_PATCH_NUMS]

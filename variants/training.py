@@ -37,8 +37,8 @@ __all__ = ["ZOO_PATCH_NUMS", "ZOO_IMAGE_SIZE", "ZOO_NUM_CLASSES", "ZOO_VAR_DEPTH
            "draw_mask_positions", "hmar_ns_step", "hmar_mask_step", "hmar_trainable_", "start_masked_path_",
            "hmar_state_from_var",
            "vqvae_step", "var_step", "classifier_step", "drop_labels", "param_count", "zoo_budget",
-           "ZOO_PLAN", "ZOO_LANES", "SECONDS_PER_STEP_1THREAD", "VQVAE_THREAD_SPEEDUP", "TOKENIZE_MINUTES",
-           "plan_minutes"]
+           "ZooJob", "ZOO_VAR_LR", "ZOO_PLAN", "ZOO_LANES", "ZOO_SHIPPED", "ZOO_CODE_DRAFT_STEPS",
+           "SECONDS_PER_STEP_1THREAD", "VQVAE_THREAD_SPEEDUP", "TOKENIZE_MINUTES", "plan_minutes"]
 
 ZOO_IMAGE_SIZE = 64
 ZOO_PATCH_NUMS: tuple[int, ...] = PATCH_NUMS[155]  # (1, 2, 3, 4, 5, 6, 8): L = 155 tokens on an 8x8 latent
@@ -448,40 +448,68 @@ def hmar_state_from_var(var_sd: dict[str, Tensor], net: HMARNet) -> dict[str, Te
 # -- budget ---------------------------------------------------------------------------------------------
 #
 # Sizes (fp16 bytes = 2 x params): VQVAE 3.24 M, VAR d1 44 k, d2 0.20 M, d3 0.59 M, d4 1.31 M, d5 2.48 M
-# (width 32·depth, heads = depth, vocab 512, Cvae 16, L = 155), ProjectCNN 0.39 M: 8.26 M params = 16.5 MB
-# in fp16 (< 50 MB).
+# (width 32·depth, heads = depth, vocab 512, Cvae 16, L = 155), ProjectCNN 0.39 M, the CoDe refiner a second
+# d2, HMAR-d5 2.5 M + its masked path: about 12 M params, 25 MB in fp16 (< 50 MB).
 #
 # Time (`SECONDS_PER_STEP_1THREAD`, measured on this project's 2-core CPU with one torch thread per job and
 # both cores busy; the VQVAE at batch 32): the zoo trains in two phases. Phase 1: the VQVAE on two threads
-# (1200 steps at batch 16) beside the classifier. Phase 2: two single-thread lanes side by side, d5 → d1 and
-# d4 → d3 → d2, 500 steps at batch 32 and lr 1e-3 each (equal steps and data for every size, so the loss fit
-# compares sizes, not budgets); each VAR job first tokenises the 10,500 images (`TOKENIZE_MINUTES`).
-# `plan_minutes` turns the measurements into the plan's wall time; the build that made the shipped zoo took
-# 20.5 minutes for phase 2.
+# (1200 steps at batch 16) beside the classifier. Phase 2: two single-thread lanes side by side (`ZOO_LANES`;
+# a member that starts from another comes after it in the same lane); each VAR/HMAR job first tokenises the
+# 10,500 images (`TOKENIZE_MINUTES`). `plan_minutes` turns the measurements into the plan's wall time.
 #
-# These models are far from trained. VAR-d2 alone: held-out CE 1.778 at this plan, 1.549 after 2000 steps at
-# 1e-3, 1.442 after 2000 at 3e-3 (FID on 256 samples 3077, 2913, 2770). But one rate for every width does not
-# carry: 1500 steps at 3e-3 for all five gave d1..d5 1.599, 1.496, 1.451, 1.524, 1.554 (every size better
-# than at this plan, yet d4 and d5 worse than d3, so no power law). A longer plan needs the rate scaled per width
-# (e.g. 3e-3·64/width) and about 45 min of VAR lanes; it has not been run.
+# The VARs get 1500 steps at batch 32 each (equal steps and data for every size, so the loss fit compares
+# sizes, not budgets) at a peak rate tuned per size (`ZOO_VAR_LR`): one rate for every width does not carry.
+# 1500 steps at 3e-3 for all five gave d1..d5 held-out CE 1.599, 1.496, 1.451, 1.524, 1.554 (d4 and d5 worse
+# than d3: no power law); the first zoo (500 steps at 1e-3) gave 1.880, 1.778, 1.730, 1.714, 1.707.
+
+
+@dataclass(frozen=True)
+class ZooJob:
+    """One zoo member's training run: the arguments of its `varbench.harness.train` command line."""
+
+    kind: str  # the trainer's kind: vqvae, classifier, var or hmar
+    steps: int
+    batch_size: int
+    depth: int = 0
+    lr: float | None = None  # None: the trainer's default
+    init: str = ""  # the zoo member whose trained model.pt this run starts from
+    from_scale: int = 0  # VAR: train on the scales >= from_scale only (a CoDe refiner)
+    stage: int = 1  # HMAR: 1 = next-scale path, 2 = masked path
+    shipped: bool = True  # False for an intermediate run (HMAR's stage 1, which stage 2 contains)
+
+
+# Peak rate per VAR depth, picked by held-out CE over the runs in results/zoo_lr_sweep.md (3e-3 for all; 3e-3·96/width
+# for d4 and d5; 1.2e-3 and 9e-4 for d5). d4 was not tried below 2.25e-3.
+ZOO_VAR_LR = {1: 3e-3, 2: 3e-3, 3: 3e-3, 4: 2.25e-3, 5: 9e-4}
+
 
 SECONDS_PER_STEP_1THREAD = {"vqvae": 3.47, "classifier": 0.60, "var_d1": 0.084, "var_d2": 0.207, "var_d3": 0.463,
-                            "var_d4": 0.827, "var_d5": 1.375}
+                            "var_d4": 0.827, "var_d5": 1.375, "refiner_d2": 0.207, "hmar_d5_ns": 1.47,
+                            "hmar_d5": 1.20}
 VQVAE_THREAD_SPEEDUP = 1.76  # two threads against one, VQVAE at batch 32 (0.51 vs 0.29 steps/s)
-TOKENIZE_MINUTES = 1.5  # a VAR job's one-off encoding of the data set by the frozen VQVAE
-ZOO_PLAN: dict[str, dict[str, float]] = {  # steps and global batch per zoo member
-    "vqvae": {"steps": 1200, "batch_size": 16},
-    "classifier": {"steps": 600, "batch_size": 64},
-    **{f"var_d{d}": {"steps": 500, "batch_size": 32} for d in ZOO_VAR_DEPTHS},
+TOKENIZE_MINUTES = 1.5  # a VAR/HMAR job's one-off encoding of the data set by the frozen VQVAE
+ZOO_CODE_DRAFT_STEPS = 5  # CoDe on the zoo: the refiner makes scales 6x6 and 8x8 (see variants/zoo.py)
+ZOO_PLAN: dict[str, ZooJob] = {
+    "vqvae": ZooJob("vqvae", 1200, 16),
+    "classifier": ZooJob("classifier", 600, 64),
+    **{f"var_d{d}": ZooJob("var", 1500, 32, depth=d, lr=ZOO_VAR_LR[d]) for d in ZOO_VAR_DEPTHS},
+    # CoDe's refiner: the trained d2, fine-tuned on the scales it makes in CoDe (as the official refiner_N.pth
+    # is VAR-d16 fine-tuned for entry N)
+    "refiner_d2": ZooJob("var", 1000, 32, depth=2, lr=1e-3, init="var_d2", from_scale=ZOO_CODE_DRAFT_STEPS),
+    # HMAR from the trained d5 (HMAR_SPEC §7): stage 1 the Markov next-scale path, stage 2 the masked path
+    "hmar_d5_ns": ZooJob("hmar", 400, 32, depth=5, lr=1e-3, init="var_d5", shipped=False),
+    "hmar_d5": ZooJob("hmar", 400, 32, depth=5, lr=1e-3, init="hmar_d5_ns", stage=2),
 }
-ZOO_LANES: tuple[tuple[str, ...], ...] = (("var_d5", "var_d1"), ("var_d4", "var_d3", "var_d2"))
+ZOO_LANES: tuple[tuple[str, ...], ...] = (("var_d5", "hmar_d5_ns", "hmar_d5"),
+                                          ("var_d4", "var_d3", "var_d2", "refiner_d2", "var_d1"))
+ZOO_SHIPPED: tuple[str, ...] = tuple(n for n, job in ZOO_PLAN.items() if job.shipped)
 
 
 def plan_minutes() -> dict[str, float]:
     """Wall minutes of each phase of the plan from the measured seconds per step (batch-scaled)."""
     def minutes(name: str, base_batch: int = 32) -> float:
-        plan = ZOO_PLAN[name]
-        return plan["steps"] * SECONDS_PER_STEP_1THREAD[name] * plan["batch_size"] / base_batch / 60
+        job = ZOO_PLAN[name]
+        return job.steps * SECONDS_PER_STEP_1THREAD[name] * job.batch_size / base_batch / 60
 
     vqvae = minutes("vqvae") / VQVAE_THREAD_SPEEDUP
     classifier = minutes("classifier", 64)

@@ -1,11 +1,13 @@
 """The trained zoo: small models of the project's 64 px synthetic data set, shipped inside the package.
 
 Offline, with random weights, FID is noise and a scaling curve has nothing to fit. The zoo is a family of
-genuinely trained models (`varbench train zoo` retrains it from scratch in about 45 minutes on a 2-core CPU):
+genuinely trained models (`varbench train zoo` retrains it from scratch, see `ZOO_PLAN` in variants/training.py):
 
-* `vqvae.pt`      the multi-scale residual tokenizer (VAR's architecture, 8x, vocab 512, scales 1,2,3,4,5,6,8);
+* `vqvae.pt`       the multi-scale residual tokenizer (VAR's architecture, 8x, vocab 512, scales 1,2,3,4,5,6,8);
 * `var_d{1..5}.pt` VAR transformers of width 32·depth on its 155-token pyramids (the sizes of the loss fit);
-* `classifier.pt` ProjectCNN trained on the data set: the `varbench-cnn` extractor's default weights.
+* `refiner_d2.pt`  CoDe's refiner: var_d2 fine-tuned on the two scales it makes in `code_zoo_d5_d2`;
+* `hmar_d5.pt`     HMAR: var_d5 fine-tuned with Markov attention (stage 1), then a masked path (stage 2);
+* `classifier.pt`  ProjectCNN trained on the data set: the `varbench-cnn` extractor's default weights.
 
 All are fp16 state dicts in the official layouts (loaded strictly, computed in fp32). `manifest.json` holds
 each file's sha256, parameter count, training config, held-out metrics and loss curve, and the git sha of
@@ -24,18 +26,20 @@ from typing import Any
 from varbench.harness.registry import register_variant
 
 from .code import CoDe, _pair, build_code
-from .training import var_config
+from .hmar import HMAR, build_hmar
+from .hmar import _arch as _hmar_arch
+from .training import ZOO_CODE_DRAFT_STEPS, hmar_config, var_config
 from .var import VAR, _arch, build_var
 
 __all__ = ["ZOO_DIR", "MANIFEST", "ZooError", "zoo_dir", "manifest", "zoo_file", "zoo_weights_note",
-           "RETRAIN_COMMAND", "ZOO_CODE_DRAFT_STEPS"]
+           "RETRAIN_COMMAND", "ZOO_CODE_DRAFT_STEPS", "ZOO_HMAR_SCHEDULE"]
 
 ZOO_DIR = Path(__file__).with_name("zoo")
 MANIFEST = "manifest.json"
 RETRAIN_COMMAND = "varbench train zoo --out runs/zoo --export"
-# CoDe on the zoo: the drafter makes scales 1..5 and the refiner the last two (6x6 and 8x8, 100 of the 155
-# tokens), mirroring the official N = 8 of 10 scales, which leaves the two largest scales to the refiner.
-ZOO_CODE_DRAFT_STEPS = 5
+ZOO_HMAR_SCHEDULE: tuple[tuple[int, ...], ...] = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,))
+# CoDe on the zoo (ZOO_CODE_DRAFT_STEPS = 5): the drafter makes scales 1..5 and the refiner the last two (6x6 and
+# 8x8, 100 of the 155 tokens), mirroring the official N = 8 of 10 scales, which leaves the two largest to the refiner.
 
 
 class ZooError(FileNotFoundError):
@@ -47,7 +51,7 @@ def zoo_dir() -> Path:
 
 
 def _retrain_hint() -> str:
-    return f"retrain it with `{RETRAIN_COMMAND}` (about 45 minutes on a 2-core CPU), or set VARBENCH_ZOO"
+    return f"retrain it with `{RETRAIN_COMMAND}` (about 80 minutes on a 2-core CPU), or set VARBENCH_ZOO"
 
 
 @cache
@@ -113,7 +117,7 @@ def var_zoo_d1(**kwargs: Any) -> VAR:
 @register_variant
 @_arch(var_config("zoo", 2))
 def var_zoo_d2(**kwargs: Any) -> VAR:
-    """Zoo VAR-d2 (width 64, 0.20 M params), trained on the 64 px synthetic set; the zoo CoDe's refiner."""
+    """Zoo VAR-d2 (width 64, 0.20 M params), trained on the 64 px synthetic set; `refiner_d2` starts from it."""
     return _zoo_var(2, **kwargs)
 
 
@@ -140,12 +144,36 @@ def var_zoo_d5(**kwargs: Any) -> VAR:
 
 @register_variant
 @_pair(var_config("zoo", 5), var_config("zoo", 2))
-def code_zoo_d5_d2(**kwargs: Any) -> CoDe:
-    """CoDe on the zoo, training-free: VAR-d5 drafts scales 1..N, VAR-d2 refines the rest; N = 5 of 7 scales."""
+def code_zoo_d5_d2(finetuned: bool = True, training_free: bool | None = None, **kwargs: Any) -> CoDe:
+    """CoDe on the zoo: VAR-d5 drafts scales 1..N, the zoo's refiner makes the rest; N = 5 of 7 scales.
+
+    The refiner is VAR-d2 fine-tuned on the last two scales (`refiner_d2`), as the official refiner_N.pth is
+    VAR-d16 fine-tuned for its entry N; the drafter is the plain VAR-d5 (the zoo has no fine-tuned drafter).
+    `finetuned=False` (or the official scripts' `training_free=True`) is the training-free pair: the plain VAR-d2
+    refines."""
+    if training_free is not None:
+        finetuned = not training_free
+    refiner = "refiner_d2" if finetuned else "var_d2"
     kwargs.setdefault("draft_steps", ZOO_CODE_DRAFT_STEPS)
     kwargs.setdefault("drafter_weights", zoo_file("var_d5"))
-    kwargs.setdefault("refiner_weights", zoo_file("var_d2"))
+    kwargs.setdefault("refiner_weights", zoo_file(refiner))
     kwargs.setdefault("vae", zoo_file("vqvae"))
     variant = build_code(5, 2, name="code_zoo_d5_d2", **kwargs)
-    variant.weights = f"drafter {zoo_weights_note('var_d5')}; refiner {zoo_weights_note('var_d2')}"
+    variant.weights = f"drafter {zoo_weights_note('var_d5')}; refiner {zoo_weights_note(refiner)}"
+    return variant
+
+
+@register_variant
+@_hmar_arch(hmar_config("zoo", 5))
+def hmar_zoo_d5(**kwargs: Any) -> HMAR:
+    """HMAR on the zoo: the trained VAR-d5 turned Markov (stage 1) with a masked path (stage 2); 11 passes.
+
+    Mask schedule `ZOO_HMAR_SCHEDULE`: the official one's masked steps on the 2x2 and 3x3 scales, carried over
+    to the zoo's 7 scales (a varbench choice: no HMAR schedule exists for this layout)."""
+    kwargs.setdefault("weights", zoo_file("hmar_d5"))
+    kwargs.setdefault("vae", zoo_file("vqvae"))
+    kwargs.setdefault("mask_schedule", ZOO_HMAR_SCHEDULE)
+    variant = build_hmar(5, name="hmar_zoo_d5", **kwargs)
+    variant.default_sampling = None  # the study's sampling, like every other zoo model
+    variant.weights = f"{zoo_weights_note('hmar_d5')}; vqvae {zoo_weights_note('vqvae')}"
     return variant
