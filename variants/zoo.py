@@ -37,9 +37,10 @@ __all__ = ["ZOO_DIR", "MANIFEST", "ZooError", "zoo_dir", "manifest", "zoo_file",
 ZOO_DIR = Path(__file__).with_name("zoo")
 MANIFEST = "manifest.json"
 RETRAIN_COMMAND = "varbench train zoo --out runs/zoo --export"
-ZOO_HMAR_SCHEDULE: tuple[tuple[int, ...], ...] = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,))
 # CoDe on the zoo (ZOO_CODE_DRAFT_STEPS = 5): the drafter makes scales 1..5 and the refiner the last two (6x6 and
 # 8x8, 100 of the 155 tokens), mirroring the official N = 8 of 10 scales, which leaves the two largest to the refiner.
+# HMAR on the zoo: the official schedule's masked steps (2x2 in two steps, 3x3 in four) on the zoo's 7 scales.
+ZOO_HMAR_SCHEDULE: tuple[tuple[int, ...], ...] = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,))
 
 
 class ZooError(FileNotFoundError):
