@@ -1,20 +1,22 @@
-"""varbench.harness: the one sampling loop, the evaluator and the command line.
+"""varbench.harness: the one sampling loop, the evaluator and the command line, in layers that import
+downwards only (tests/test_layers.py):
 
-Public API: `generate` (the scale loop), `SampleConfig`, `VARIANTS` / `create_variant` (the registry).
+    core/         the loop, sampling, registry, KV caches, records, checkpoints, hashing, measurement
+    eval/         quality metrics and extractors, consistency, metric table, fits, tables, plots, reproduce
+    conformance/  replays of the official code's reference outputs, one checker per family
+    run/          study config and runner, sample shards, bench, speed gate
+    train/        trainer, losses, zoo plan and build
+    cli.py        the command line (imported by nothing)
+
+`varbench.variants` (model families, KV policies, the zoo) sits between core and eval; `varbench.kernels`
+below core. Public API: `generate` (the scale loop), `SampleConfig`, `VARIANTS` / `create_variant`.
 """
 
-from .loop import Generation, ScaleVariant, Step, StepOutput, generate
-from .registry import VARIANTS, Registry, register_variant
-from .sampling import SampleConfig
+from .core.loop import Generation, ScaleVariant, Step, StepOutput, generate
+from .core.registry import VARIANTS, Registry, create_variant, register_variant
+from .core.sampling import SampleConfig
 
 __version__ = "0.1.0"
 
 __all__ = ["Generation", "ScaleVariant", "Step", "StepOutput", "generate", "VARIANTS", "Registry",
            "register_variant", "SampleConfig", "create_variant"]
-
-
-def create_variant(name: str, **kwargs):
-    """Builds a registered variant by name (importing the built-in variants on first use)."""
-    import varbench.variants  # noqa: F401  (registers the built-in variants)
-
-    return VARIANTS.get(name)(**kwargs)

@@ -28,7 +28,7 @@ __all__ = ["main"]
 def _cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .registry import KV_POLICIES, VARIANTS
+    from varbench.harness.core.registry import KV_POLICIES, VARIANTS
     from varbench.variants import describe
 
     rows = [describe(name) for name in VARIANTS.list(args.pattern)]
@@ -43,7 +43,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace):
-    from .sampling import SampleConfig
+    from varbench.harness.core.sampling import SampleConfig
 
     return SampleConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False)
 
@@ -51,12 +51,12 @@ def _sampling(args: argparse.Namespace):
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from . import create_variant
-    from .bench import bench_variant
+    from varbench.harness.core.registry import create_variant
+    from varbench.harness.run.bench import bench_variant
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .registry import VARIANTS
+    from varbench.harness.core.registry import VARIANTS
     from varbench.variants.var import EngineConfig, build_var
 
     name = args.variant or (f"var_d{args.depth}" if args.depth else "test_var")
@@ -64,7 +64,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.kv_policy is not None or args.kv_args is not None:
         import varbench.variants  # noqa: F401  (registers the KV policies)
 
-        from .registry import KV_POLICIES
+        from varbench.harness.core.registry import KV_POLICIES
 
         try:
             kv_args = json.loads(args.kv_args or "{}")
@@ -102,7 +102,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_conformance(args: argparse.Namespace) -> int:
-    from .conformance import run_conformance
+    from varbench.harness.conformance import run_conformance
 
     report = run_conformance(args.folder, args.device)
     print(json.dumps(report, indent=2))
@@ -110,7 +110,7 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    from .records import capture_env
+    from varbench.harness.core.records import capture_env
 
     print(json.dumps(capture_env(args.device), indent=2))
     return 0
@@ -127,10 +127,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import datetime as dt
     import os
 
-    from .config import load_study
-    from .records import load_records
-    from .study import check_names, resolve_device, run_study
-    from .tables import results_table
+    from varbench.harness.run.config import load_study
+    from varbench.harness.core.records import load_records
+    from varbench.harness.run.study import check_names, resolve_device, run_study
+    from varbench.harness.eval.tables import results_table
 
     embedded = args.study is None
     study = load_study(default_study_path() if embedded else args.study, args.set or [])
@@ -168,8 +168,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
-    from .records import load_records
-    from .tables import results_table
+    from varbench.harness.core.records import load_records
+    from varbench.harness.eval.tables import results_table
 
     path = Path(args.results)
     if not path.exists():
@@ -185,7 +185,7 @@ def _fit_columns(path: Path, x: str, y: str):
     """The (x, y) columns of a CSV file or of records (flattened: `metrics.fid` may be written `fid`)."""
     import pandas as pd
 
-    from .records import load_records
+    from varbench.harness.core.records import load_records
 
     if path.suffix == ".csv":
         frame = pd.read_csv(path)
@@ -206,7 +206,7 @@ def _fit_columns(path: Path, x: str, y: str):
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .fits import compare, fit_power_law, fit_power_law_floor
+    from varbench.harness.eval.fits import compare, fit_power_law, fit_power_law_floor
 
     path = Path(args.results)
     if not path.exists():
@@ -220,7 +220,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         result["power_law_with_floor"] = floor.to_dict()
         result["comparison"] = compare(pure, floor)
     if args.plot:
-        from .plots import plot_fit
+        from varbench.harness.eval.plots import plot_fit
 
         result["plot"] = str(plot_fit(x, y, pure, floor, args.plot, args.x, args.y))
     if args.json:
@@ -247,14 +247,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce, tables_overview
+    from varbench.harness.eval.reproduce import reproduce, tables_overview
 
     if args.list or not args.table:
         print(tables_overview())
         return 0
     measured = None
     if args.measured:
-        from .records import load_records
+        from varbench.harness.core.records import load_records
 
         path = Path(args.measured)
         if not path.exists():
@@ -339,15 +339,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["train", "zoo"]:  # the whole zoo: both training phases, then the fp16 export
-        from .zoo_build import main as zoo_main
+        from varbench.harness.train.zoo_build import main as zoo_main
 
         return zoo_main(argv[2:])
     if argv[:1] == ["train"]:  # the trainer owns its flags (and --help)
-        from .train import main as train_main
+        from varbench.harness.train import main as train_main
 
         return train_main(argv[1:])
     args = _parser().parse_args(argv)
-    from .checkpoints import CheckpointError
+    from varbench.harness.core.checkpoints import CheckpointError
 
     try:
         return args.fn(args)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from varbench.harness.cli import main
-from varbench.harness.records import load_records
-from varbench.harness.registry import Registry
+from varbench.harness.core.records import load_records
+from varbench.harness.core.registry import Registry
 
 
 def test_list_shows_variants_with_exact_parameter_counts(capsys):
@@ -55,7 +55,7 @@ def test_run_writes_records_and_prints_the_table(tmp_path, capsys, monkeypatch):
 def test_out_of_tree_packages_register_through_entry_points(monkeypatch):
     from importlib.metadata import EntryPoint
 
-    import varbench.harness.registry as registry
+    import varbench.harness.core.registry as registry
 
     eps = [EntryPoint("ext_var", "json:loads", "varbench.variants")]
     monkeypatch.setattr(registry, "entry_points", lambda group: eps if group == "varbench.variants" else [])

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from varbench.harness import create_variant
-from varbench.harness.bench import bench_variant
-from varbench.harness.checkpoints import CheckpointError
+from varbench.harness.run.bench import bench_variant
+from varbench.harness.core.checkpoints import CheckpointError
 from varbench.harness.cli import main
-from varbench.harness.loop import generate
-from varbench.harness.sampling import SampleConfig, guide
+from varbench.harness.core.loop import generate
+from varbench.harness.core.sampling import SampleConfig, guide
 from varbench.variants import describe
 from varbench.variants.code import CODE_SAMPLING, CoDe, code_flops_per_image
 from varbench.variants.loading import load_var_net

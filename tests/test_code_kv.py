@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from varbench.harness import create_variant
-from varbench.harness.bench import bench_variant
+from varbench.harness.run.bench import bench_variant
 from varbench.harness.cli import main
-from varbench.harness.kv_cache import CompressedKVCache, StaticKVCache
-from varbench.harness.loop import generate
-from varbench.harness.registry import KV_POLICIES
+from varbench.harness.core.kv_cache import CompressedKVCache, StaticKVCache
+from varbench.harness.core.loop import generate
+from varbench.harness.core.registry import KV_POLICIES
 from varbench.variants.code import CODE_SAMPLING, CoDe
 
 LABELS = torch.tensor([3, 977])

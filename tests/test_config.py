@@ -2,8 +2,8 @@
 
 import pytest
 
-from varbench.harness.config import QualityConfig, apply_overrides, load_study, parse_study, sweep_points
-from varbench.harness.study import check_names, plan
+from varbench.harness.run.config import QualityConfig, apply_overrides, load_study, parse_study, sweep_points
+from varbench.harness.run.study import check_names, plan
 
 BASE = {"study": "s", "variants": ["test_var"]}
 

@@ -27,8 +27,8 @@ def test_var_d2_fixture_passes(var_d2_dir):
 def test_smooth_image_check_fails_without_the_gumbel_mix(var_d2_dir, monkeypatch):
     # The smooth image is held only to its mean error (it is ill-conditioned), so check that a sampler which
     # skips the Gumbel-softmax codebook mix fails both it and the tokens (the mix feeds the next scale's input).
-    from varbench.harness import loop
-    from varbench.harness.sampling import draw_tokens
+    from varbench.harness.core import loop
+    from varbench.harness.core.sampling import draw_tokens
 
     monkeypatch.setattr(loop, "draw_tokens", lambda *a, **k: draw_tokens(*a, **k)._replace(soft=None))
     checks = {c["check"]: c for c in run_conformance(var_d2_dir)["checks"]}

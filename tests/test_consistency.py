@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from varbench.harness import consistency as cons
-from varbench.harness.consistency import consistency, lpips, psnr, ssim
+from varbench.harness.eval import consistency as cons
+from varbench.harness.eval.consistency import consistency, lpips, psnr, ssim
 
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
@@ -125,7 +125,7 @@ def test_lpips_is_none_without_weights(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.delenv(cons.VGG16_ENV, raising=False)
     _empty_hub(monkeypatch, tmp_path / "torch-home")
     a = _images(n=2)
-    with caplog.at_level(logging.INFO, logger="varbench.harness.consistency"):
+    with caplog.at_level(logging.INFO, logger="varbench.harness.eval.consistency"):
         assert lpips(a, a) is None
         assert lpips(a, a, weights=str(tmp_path / "nope.pth")) is None
     assert cons.LPIPS_WEIGHTS_FILE in caplog.text and cons.VGG16_WEIGHTS_FILE in caplog.text

@@ -4,10 +4,10 @@ logits + CFG, greedy tokens are their argmax, the engine equals the reference lo
 import pytest
 import torch
 
-from varbench.harness.conformance import _RecordGuided
-from varbench.harness.kv_cache import StaticKVCache
-from varbench.harness.loop import generate
-from varbench.harness.sampling import SampleConfig
+from varbench.harness.conformance import RecordGuided
+from varbench.harness.core.kv_cache import StaticKVCache
+from varbench.harness.core.loop import generate
+from varbench.harness.core.sampling import SampleConfig
 from varbench.variants.loading import random_var_net, random_vqvae
 from varbench.variants.var import VAR, EngineConfig
 from varbench.variants.var_model import PATCH_NUMS, VARConfig
@@ -39,7 +39,7 @@ def _teacher_forced_guided(v: VAR, labels: torch.Tensor, tokens: list[torch.Tens
 def test_kv_cached_logits_equal_teacher_forced_plus_cfg(shape, batch, cfg, seed):
     v = _variant(SHAPES[shape], seed=seed)
     labels = torch.arange(batch) * 97 % 1000
-    rec = _RecordGuided(v, cfg)
+    rec = RecordGuided(v, cfg)
     out = generate(rec, labels, SampleConfig(cfg=cfg, top_k=1, top_p=0.0), g_seed=seed)
     want = _teacher_forced_guided(v, labels, out.tokens, cfg)
     for si, (got, ref) in enumerate(zip(rec.logits, want)):
@@ -97,7 +97,7 @@ def test_bf16_engine_error_is_that_of_the_official_autocast():
     errors = {}
     for engine in (EngineConfig("bf16"), EngineConfig.reference("bf16")):
         v = _variant(SHAPES["d3_b3"], engine)
-        rec = _RecordGuided(v, 1.5)
+        rec = RecordGuided(v, 1.5)
         out = generate(rec, labels, SampleConfig(cfg=1.5), g_seed=0)
         assert out.images.dtype == torch.float32 and out.images.isfinite().all()
         exact = _variant(SHAPES["d3_b3"])  # same seed: same weights, fp32

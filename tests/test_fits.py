@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from varbench.harness.cli import main
-from varbench.harness.fits import compare, fit_power_law, fit_power_law_floor
+from varbench.harness.eval.fits import compare, fit_power_law, fit_power_law_floor
 
 # The VAR scaling family's sizes (total parameters, billions) at depths 6, 10, 14, 16, 20, 24, 30 (METRICS.md §3)
 N = np.array([18.5, 78.4, 209.3, 310.3, 600.9, 1033.4, 2010.0]) / 1e3

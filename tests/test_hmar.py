@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from varbench.harness import create_variant
-from varbench.harness.bench import bench_variant
-from varbench.harness.checkpoints import CheckpointError
+from varbench.harness.run.bench import bench_variant
+from varbench.harness.core.checkpoints import CheckpointError
 from varbench.harness.cli import main
-from varbench.harness.loop import generate
-from varbench.harness.registry import KV_POLICIES
-from varbench.harness.sampling import SampleConfig
+from varbench.harness.core.loop import generate
+from varbench.harness.core.registry import KV_POLICIES
+from varbench.harness.core.sampling import SampleConfig
 from varbench.kernels import block_causal_ranges, block_sparse_attention
 from varbench.variants import describe
 from varbench.variants.hmar import HMAR_FILES, build_hmar, load_hmar_net, resolve_mask_schedule

@@ -11,10 +11,10 @@ from torch import nn
 
 from varbench.harness import create_variant
 from varbench.harness.cli import main
-from varbench.harness.kv_cache import CompressedKVCache, KVView
-from varbench.harness.loop import generate
-from varbench.harness.registry import KV_POLICIES
-from varbench.harness.sampling import SampleConfig
+from varbench.harness.core.kv_cache import CompressedKVCache, KVView
+from varbench.harness.core.loop import generate
+from varbench.harness.core.registry import KV_POLICIES
+from varbench.harness.core.sampling import SampleConfig
 from varbench.variants.kv_base import grid_centres, model_key
 from varbench.variants.kv_hack import CONTEXTUAL, STRUCTURAL, _VarianceStats
 from varbench.variants.var import build_var

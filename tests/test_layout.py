@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import KEYS, need
-from varbench.harness.bench import vae_decode_flops
+from varbench.harness.run.bench import vae_decode_flops
 from varbench.variants.var import param_count
 from varbench.variants.var_model import PATCH_NUMS, VARConfig, VARNet, flops_per_image
 from varbench.variants.vqvae import VQVAE, VQVAEConfig, phi_index

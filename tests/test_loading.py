@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from varbench.harness.checkpoints import CheckpointError, read_state_dict, resolve_source
+from varbench.harness.core.checkpoints import CheckpointError, read_state_dict, resolve_source
 from varbench.variants.loading import load_var_net, load_vqvae, random_var_net, random_vqvae
 from varbench.variants.var_model import VARConfig
 from varbench.variants.vqvae import VQVAEConfig

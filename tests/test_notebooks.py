@@ -7,8 +7,8 @@ import pytest
 from nbclient import NotebookClient
 
 from varbench.harness.cli import default_study_path
-from varbench.harness.config import load_study
-from varbench.harness.study import run_study
+from varbench.harness.run.config import load_study
+from varbench.harness.run.study import run_study
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
-from varbench.harness import extractors as ex
-from varbench.harness import quality as q
-from varbench.harness.quality import reference_from_images, reference_stats, score
+from varbench.harness.eval import extractors as ex
+from varbench.harness.eval import quality as q
+from varbench.harness.eval.quality import reference_from_images, reference_stats, score
 
 CNN = ex.PROJECT_CNN
 W = ex.RANDOM_INIT  # the untrained seeded init: these tests compare maths, not the zoo classifier

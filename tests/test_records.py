@@ -1,6 +1,6 @@
 """Records append whole lines; a line cut short by a crash is skipped on load."""
 
-from varbench.harness.records import append_record, capture_env, config_hash, load_records
+from varbench.harness.core.records import append_record, capture_env, config_hash, load_records
 
 
 def test_append_and_load_skip_a_truncated_last_line(tmp_path):

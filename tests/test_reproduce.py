@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from varbench.harness import reproduce as rp
-from varbench.harness.config import load_study
+from varbench.harness.eval import reproduce as rp
+from varbench.harness.run.config import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = [t["id"] for t in rp.list_tables()]

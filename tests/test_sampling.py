@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from varbench.harness.loop import Step
-from varbench.harness.sampling import SampleConfig, ScaleSampling, draw_tokens, filter_top_k_top_p_, guide
+from varbench.harness.core.loop import Step
+from varbench.harness.core.sampling import SampleConfig, ScaleSampling, draw_tokens, filter_top_k_top_p_, guide
 
 
 def _kept(row: list[float], k: int = 0, p: float = 0.0) -> list[int]:

@@ -1,4 +1,4 @@
-"""Tests of harness/shard.py: samples do not depend on the number of ranks, killed runs resume without
+"""Tests of harness/run/shard.py: samples do not depend on the number of ranks, killed runs resume without
 redoing finished shards, and foreign or corrupt shards are never mixed into a result."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from varbench.harness import SampleConfig, create_variant
-from varbench.harness.shard import REPORT_PREFIX, block_seed, merge_shards, sample_shards, shard_path
+from varbench.harness.run.shard import REPORT_PREFIX, block_seed, merge_shards, sample_shards, shard_path
 
-ENTRY = ["-m", "varbench.harness.shard", "--variant", "test_var", "--seed", "0", "--threads", "1"]
+ENTRY = ["-m", "varbench.harness.run.shard", "--variant", "test_var", "--seed", "0", "--threads", "1"]
 
 
 def _in_process(out: Path, num_samples: int, block_size: int, seed: int = 0,
@@ -140,7 +140,7 @@ def test_corrupt_shard_regenerated(ref6: Path, tmp_path: Path, caplog):
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a shard cut short
     with pytest.raises(RuntimeError, match=r"missing or corrupt: \[1\]"):
         merge_shards(out, 6, 2)
-    with caplog.at_level(logging.WARNING, logger="varbench.harness.shard"):
+    with caplog.at_level(logging.WARNING, logger="varbench.harness.run.shard"):
         assert _in_process(out, 6, 2) == [1]  # only the corrupt block is redone
     assert any("shard_000001.npz is corrupt" in r.getMessage() for r in caplog.records)
     redone, ref = _load(merge_shards(out, 6, 2)), _load(ref6.parent / "samples.npz")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from varbench.harness.speedgate import judge, main, ratios
+from varbench.harness.run.speedgate import judge, main, ratios
 
 MATMUL, CONV = "test_reference_matmul", "test_reference_conv"
 BASE = {MATMUL: 0.020, CONV: 0.050, "test_tokens_test_var[engine]": 0.70, "test_vae_decode": 0.30}

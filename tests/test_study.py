@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from varbench.harness.cli import main
-from varbench.harness.config import load_study, parse_study
-from varbench.harness.records import load_records
-from varbench.harness.study import run_study
+from varbench.harness.run.config import load_study, parse_study
+from varbench.harness.core.records import load_records
+from varbench.harness.run.study import run_study
 
 STUDY = {"study": "tiny", "variants": ["test_var"], "device": "cpu", "threads": 2,
          "engine": {"precision": "fp32"}, "speed": {"batch_sizes": [1, 2], "warmup": 0, "repeats": 1},

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from varbench.harness import synthetic
-from varbench.harness.synthetic import CLASSES, make_dataset, render, save_npz
+from varbench.harness.eval import synthetic
+from varbench.harness.eval.synthetic import CLASSES, make_dataset, render, save_npz
 
 K = len(CLASSES)
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from varbench.harness.extractors import ProjectCNN
+from varbench.harness.eval.extractors import ProjectCNN
 from varbench.harness.train import TrainConfig, lr_factor, train
-from varbench.variants import training as T
+from varbench.harness.train import steps as T
 from varbench.variants.loading import load_var_net, load_vqvae
 from varbench.variants.vqvae import VQVAE
 

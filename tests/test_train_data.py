@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from varbench.harness.synthetic import make_dataset
+from varbench.harness.eval.synthetic import make_dataset
 from varbench.harness.train import TrainConfig, train
-from varbench.harness.train_data import FolderData, ImageFolderSet, crop_rng, epoch_indices, scan_folder
-from varbench.variants import training as T
+from varbench.harness.train.data import FolderData, ImageFolderSet, crop_rng, epoch_indices, scan_folder
+from varbench.harness.train import steps as T
 from varbench.variants.loading import load_var_net
 from varbench.variants.var_model import VARConfig, VARNet
 from varbench.variants.vqvae import VQVAE, VQVAEConfig

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varbench.harness.loop import generate
-from varbench.harness.sampling import SampleConfig
-from varbench.harness.train import TrainConfig, _check_resumable, train
+from varbench.harness.core.loop import generate
+from varbench.harness.core.sampling import SampleConfig
+from varbench.harness.train.trainer import TrainConfig, _check_resumable, train
 from varbench.kernels import block_causal_ranges, block_sparse_attention
-from varbench.variants import training as T
+from varbench.harness.train import steps as T
 from varbench.variants.hmar import build_hmar, load_hmar_net
 from varbench.variants.hmar_model import HMARNet
 from varbench.variants.var_model import VARNet

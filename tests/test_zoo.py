@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import varbench.variants  # noqa: F401  (registers the variants)
-from varbench.harness import zoo_build
-from varbench.harness.extractors import ProjectCNN, project_extractor_name, resolve_weights
-from varbench.harness.fits import fit_power_law
-from varbench.harness.loop import generate
-from varbench.harness.registry import VARIANTS
-from varbench.harness.sampling import SampleConfig
+from varbench.harness.train import zoo_build
+from varbench.harness.eval.extractors import ProjectCNN, project_extractor_name, resolve_weights
+from varbench.harness.eval.fits import fit_power_law
+from varbench.harness.core.loop import generate
+from varbench.harness.core.registry import VARIANTS
+from varbench.harness.core.sampling import SampleConfig
 from varbench.harness.train import TrainConfig, train
-from varbench.variants import training as T
+from varbench.harness.train import steps as T
 from varbench.variants import zoo
 from varbench.variants.loading import load_var_net
 from varbench.variants.zoo import ZooError, manifest, zoo_file
@@ -163,8 +163,8 @@ def test_shipped_zoo_test_loss_falls_as_a_power_law_of_parameters():
 @shipped
 def test_shipped_code_refiner_is_specialised_to_the_scales_it_makes():
     """The fine-tuned refiner beats the plain VAR-d2 it started from on the scales CoDe gives it (held-out)."""
-    from varbench.harness.synthetic import make_dataset
-    from varbench.harness.train_tasks import HELDOUT_START
+    from varbench.harness.eval.synthetic import make_dataset
+    from varbench.harness.train.tasks import HELDOUT_START
     from varbench.variants.loading import load_vqvae
 
     images, labels = make_dataset(256, seed=0, start=HELDOUT_START)  # the trainer's held-out split

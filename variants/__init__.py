@@ -14,7 +14,7 @@ __all__ = ["VAR", "EngineConfig", "build_var", "describe"]
 
 def describe(name: str) -> dict:
     """One row of `varbench list`: name, family, parameter count (meta device), where it is defined."""
-    from varbench.harness.registry import VARIANTS
+    from varbench.harness.core.registry import VARIANTS
 
     from .var import param_count
 

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from varbench.harness.loop import Step, StepOutput
-from varbench.harness.registry import register_variant
-from varbench.harness.sampling import Draw, SampleConfig
+from varbench.harness.core.loop import Step, StepOutput
+from varbench.harness.core.registry import register_variant
+from varbench.harness.core.sampling import Draw, SampleConfig
 
 from .var import VAR, EngineConfig, VARState, build_var
 from .var_model import VARConfig

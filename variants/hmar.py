@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from varbench.harness.checkpoints import CheckpointError, load_strict, read_state_dict, resolve_source
-from varbench.harness.loop import Step, StepOutput
-from varbench.harness.registry import register_variant
-from varbench.harness.sampling import Draw, SampleConfig
+from varbench.harness.core.checkpoints import CheckpointError, load_strict, read_state_dict, resolve_source
+from varbench.harness.core.loop import Step, StepOutput
+from varbench.harness.core.registry import register_variant
+from varbench.harness.core.sampling import Draw, SampleConfig
 
 from .hmar_model import HMARConfig, HMARModulations, HMARNet, init_random_hmar_, param_count
 from .loading import _not_a, identify, load_vqvae, random_vqvae

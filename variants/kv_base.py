@@ -3,7 +3,7 @@
 A policy is an object given to a KV-cached variant (`build_var(kv_policy=...)`). It holds its settings and, for
 the policies with an offline phase (ScaleKV's layer typing, HACK's head typing), one calibration per model,
 keyed by the model's architecture and weights; everything that changes during a generation lives in the
-model's own cache (harness/kv_cache.py `CompressedKVCache`), so one policy object may serve several models
+model's own cache (harness/core/kv_cache.py `CompressedKVCache`), so one policy object may serve several models
 (CoDe's drafter and refiner) without sharing state.
 
 Budgets: a float in (0, 1] is a fraction of what `full` holds after the last scale (the sequence length L, per
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from varbench.harness.kv_cache import CompressedKVCache, GroupPlan, KVPlan, KVView
+from varbench.harness.core.kv_cache import CompressedKVCache, GroupPlan, KVPlan, KVView
 
 __all__ = ["KVPolicy", "attention_probs", "pool_scores", "top_keep", "uniform_rows", "grid_centres", "model_key"]
 
@@ -189,8 +189,8 @@ class KVPolicy:
     def calibrate(self, variant, labels: Tensor | None = None, sampling=None, g_seed: int = 0) -> dict:
         """Runs each model of `variant` once with a full cache over `labels` (default: 10 classes spread over
         the label range) and stores what the policy derives from its attention; returns {model_key: data}."""
-        from varbench.harness.loop import generate
-        from varbench.harness.sampling import SampleConfig
+        from varbench.harness.core.loop import generate
+        from varbench.harness.core.sampling import SampleConfig
 
         out = {}
         for model in (getattr(variant, "models", None) or {"model": variant}).values():

@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from varbench.harness.kv_cache import GroupPlan, KVView
-from varbench.harness.registry import register_kv_policy
+from varbench.harness.core.kv_cache import GroupPlan, KVView
+from varbench.harness.core.registry import register_kv_policy
 
 from .kv_base import KVPolicy, attention_probs, chunked_rows, pool_scores, top_keep
 

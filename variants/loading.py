@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from varbench.harness.checkpoints import CheckpointError, load_strict, read_state_dict, resolve_source
+from varbench.harness.core.checkpoints import CheckpointError, load_strict, read_state_dict, resolve_source
 
 from .var_model import VARConfig, VARNet, init_random_
 from .vqvae import VQVAE, VQVAEConfig

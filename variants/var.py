@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from varbench.harness.kv_cache import ConcatKVCache, StaticKVCache
-from varbench.harness.loop import Step, StepOutput
-from varbench.harness.registry import register_variant
-from varbench.harness.sampling import Draw
+from varbench.harness.core.kv_cache import ConcatKVCache, StaticKVCache
+from varbench.harness.core.loop import Step, StepOutput
+from varbench.harness.core.registry import register_variant
+from varbench.harness.core.sampling import Draw
 
 from .loading import load_var_net, load_vqvae, random_var_net, random_vqvae
 from .var_model import PATCH_NUMS, Modulation, VARConfig, VARNet

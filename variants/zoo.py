@@ -1,7 +1,7 @@
 """The trained zoo: small models of the project's 64 px synthetic data set, shipped inside the package.
 
 Offline, with random weights, FID is noise and a scaling curve has nothing to fit. The zoo is a family of
-genuinely trained models (`varbench train zoo` retrains it from scratch, see `ZOO_PLAN` in variants/training.py):
+genuinely trained models (`varbench train zoo` retrains it from scratch, see `ZOO_PLAN` in harness/train/steps.py):
 
 * `vqvae.pt`       the multi-scale residual tokenizer (VAR's architecture, 8x, vocab 512, scales 1,2,3,4,5,6,8);
 * `var_d{1..5}.pt` VAR transformers of width 32·depth on its 155-token pyramids (the sizes of the loss fit);
@@ -23,12 +23,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from varbench.harness.registry import register_variant
+from varbench.harness.core.registry import register_variant
 
 from .code import CoDe, _pair, build_code
 from .hmar import HMAR, build_hmar
 from .hmar import _arch as _hmar_arch
-from .training import ZOO_CODE_DRAFT_STEPS, hmar_config, var_config
+from .presets import ZOO_CODE_DRAFT_STEPS, hmar_config, var_config
 from .var import VAR, _arch, build_var
 
 __all__ = ["ZOO_DIR", "MANIFEST", "ZooError", "zoo_dir", "manifest", "zoo_file", "zoo_weights_note",
@@ -73,7 +73,7 @@ def manifest(root: str | os.PathLike | None = None) -> dict[str, Any]:
 
 def zoo_file(name: str, root: str | os.PathLike | None = None) -> str:
     """Path of one zoo model's file, checked against the manifest's sha256."""
-    from varbench.harness.extractors import file_sha256
+    from varbench.harness.core.hashing import file_sha256
 
     base = Path(root or zoo_dir())
     models = manifest(base)["models"]

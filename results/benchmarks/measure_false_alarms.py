@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from varbench.harness.speedgate import THRESHOLD, judge, ratios
+from varbench.harness.run.speedgate import THRESHOLD, judge, ratios
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Speed benchmarks of the small configurations, for the regression gate (harness/speedgate.py).
+"""Speed benchmarks of the small configurations, for the regression gate (harness/run/speedgate.py).
 
 Run with `pytest tests/speed -m speed --benchmark-json=bench.json` (the default `pytest` deselects them);
 one torch thread, so that the numbers do not depend on how many cores the machine lends.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from varbench.harness import SampleConfig, create_variant, generate
-from varbench.harness.sampling import filter_top_k_top_p_
+from varbench.harness.core.sampling import filter_top_k_top_p_
 from varbench.variants import EngineConfig
 
 pytestmark = pytest.mark.speed

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .registry import METRICS
+from varbench.harness.core.registry import METRICS
 
 __all__ = ["MetricSpec", "register_metric", "metrics_for"]
 

@@ -14,14 +14,17 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=Callable)
 
-__all__ = ["Registry", "VARIANTS", "KV_POLICIES", "METRICS", "register_variant", "register_kv_policy"]
+__all__ = ["Registry", "VARIANTS", "KV_POLICIES", "METRICS", "register_variant", "register_kv_policy",
+           "create_variant"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entry_point_group: str | None = None):
-        self.kind, self.group = kind, entry_point_group
+    def __init__(self, kind: str, entry_point_group: str | None = None, builtins: str | None = None):
+        """`builtins`: the module whose import registers the built-in entries, imported by name on first look-up
+        (a plugin, like an entry point: the core never imports the variants' code statically)."""
+        self.kind, self.group, self.builtins = kind, entry_point_group, builtins
         self._items: dict[str, T | str] = {}
         self._entry_points_read = False
 
@@ -39,9 +42,13 @@ class Registry(Generic[T]):
         self._items[name] = target
 
     def _read_entry_points(self) -> None:
-        if self._entry_points_read or self.group is None:
+        if self._entry_points_read:
             return
         self._entry_points_read = True
+        if self.builtins:
+            importlib.import_module(self.builtins)
+        if self.group is None:
+            return
         for ep in entry_points(group=self.group):
             if ep.name not in self._items:
                 self.add(ep.name, ep.value)
@@ -79,8 +86,13 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-VARIANTS: Registry = Registry("variant", "varbench.variants")
-KV_POLICIES: Registry = Registry("KV policy", "varbench.kv_policies")
-METRICS: Registry = Registry("metric", "varbench.metrics")  # table columns: see harness/metrics.py
+VARIANTS: Registry = Registry("variant", "varbench.variants", builtins="varbench.variants")
+KV_POLICIES: Registry = Registry("KV policy", "varbench.kv_policies", builtins="varbench.variants")
+METRICS: Registry = Registry("metric", "varbench.metrics")  # table columns: see harness/eval/metrics.py
 register_variant = VARIANTS.register
 register_kv_policy = KV_POLICIES.register
+
+
+def create_variant(name: str, **kwargs):
+    """Builds a registered variant by name (the built-in variants register on first look-up)."""
+    return VARIANTS.get(name)(**kwargs)

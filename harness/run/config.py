@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .sampling import SampleConfig
+from varbench.harness.core.sampling import SampleConfig
 
 __all__ = ["EngineSettings", "SpeedConfig", "QualityConfig", "StudyConfig", "load_study", "parse_study",
            "apply_overrides", "to_dict", "QUALITY_METRICS"]

@@ -10,8 +10,8 @@ compared with the one committed in `results/benchmarks/expected.json`; a benchma
 the expected one by more than the threshold (default 1.6×: a 2× slowdown trips it; the measured false-alarm
 rate is in results/benchmarks/README.md).
 
-    python -m varbench.harness.speedgate bench.json                  # judge a pytest-benchmark JSON
-    python -m varbench.harness.speedgate bench.json --update         # write its ratios as the new expected
+    python -m varbench.harness.run.speedgate bench.json                  # judge a pytest-benchmark JSON
+    python -m varbench.harness.run.speedgate bench.json --update         # write its ratios as the new expected
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def judge(measured: dict[str, float], expected: dict[str, float], threshold: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m varbench.harness.speedgate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m varbench.harness.run.speedgate", description=__doc__.split("\n\n")[0])
     p.add_argument("report", help="pytest-benchmark JSON (--benchmark-json)")
     p.add_argument("--expected", default=str(DEFAULT_EXPECTED), help="expected ratios (JSON)")
     p.add_argument("--threshold", type=float, default=THRESHOLD, help="allowed slowdown factor of a ratio")

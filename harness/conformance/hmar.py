@@ -11,20 +11,21 @@ logits of scales 0-2 and the image.
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .conformance import CUDA_LOGITS_TOL, TOL, _close, _RecordGuided, _tokens
-from .loop import generate
-from .sampling import SampleConfig
+from varbench.harness.core.hashing import file_sha256
+from varbench.harness.core.loop import generate
+from varbench.harness.core.sampling import SampleConfig
+
+from .common import CUDA_LOGITS_TOL, TOL, RecordGuided, close, token_check
 
 __all__ = ["check_hmar_folder"]
 
 
-class _RecordHMAR(_RecordGuided):
+class _RecordHMAR(RecordGuided):
     """Also keeps, per sampler call: (si, step, drawn tokens, token map after the call)."""
 
     def __init__(self, inner, cfg: float):
@@ -36,10 +37,6 @@ class _RecordHMAR(_RecordGuided):
         self.inner.commit(state, step, draw)
         after = state.idx if state.idx is not None else state.tokens[-1]
         self.calls.append((step.si, step.sub, drawn.cpu(), after.clone().cpu()))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _same(name: str, got: torch.Tensor | None, want: torch.Tensor | None) -> dict[str, Any]:
@@ -78,7 +75,7 @@ def check_hmar_folder(folder: Path, meta: dict, device: torch.device) -> list[di
     vae = load_vqvae(vae_path)
     sd = net.state_dict()
     checks = [
-        {"check": "vae.sha256", "pass": _sha256(vae_path) == meta["vae_ckpt_sha256"]},
+        {"check": "vae.sha256", "pass": file_sha256(vae_path) == meta["vae_ckpt_sha256"]},
         {"check": "hmar_params", "got": sum(p.numel() for p in net.parameters()), "want": meta["hmar_params"]},
         {"check": "vae_params", "got": sum(p.numel() for p in vae.parameters()), "want": meta["vae_params"]},
         {"check": "hmar_state_dict_entries", "got": len(sd), "want": meta["hmar_state_dict_entries"]},
@@ -93,9 +90,9 @@ def check_hmar_folder(folder: Path, meta: dict, device: torch.device) -> list[di
 
     tf = torch.load(folder / "teacher_forced.pt", weights_only=True, map_location=device)
     with torch.inference_mode():
-        checks.append(_close("vq.tokens_to_ns_input", vae.tokens_to_var_input(tf["gt_idx_Bl"], pn),
+        checks.append(close("vq.tokens_to_ns_input", vae.tokens_to_var_input(tf["gt_idx_Bl"], pn),
                              tf["x_ns_BLCv_wo_first_l"], TOL["var_input"]))
-        checks.append(_close("vq.tokens_to_mask_input", mask_token_input(vae, tf["gt_idx_Bl"], pn),
+        checks.append(close("vq.tokens_to_mask_input", mask_token_input(vae, tf["gt_idx_Bl"], pn),
                              tf["x_mask_BLCv_wo_first_l"], TOL["var_input"]))
         per_scale = torch.cat(tf["idx_to_mask_per_scale"])
         checks.append(_same("mask_positions_per_scale", per_scale, tf["idx_to_mask_wo_first_l"]))
@@ -105,9 +102,9 @@ def check_hmar_folder(folder: Path, meta: dict, device: torch.device) -> list[di
                          tf["idx_to_mask_wo_first_l"], attn_impl=impl)
             for path, logits in (("ns", ns), ("mask", masked)):
                 name = f"hmar.teacher_forced.{impl}.{path}"
-                checks.append(_close(f"{name}_logits", logits[:, tf[f"{path}_logits_positions"]],
+                checks.append(close(f"{name}_logits", logits[:, tf[f"{path}_logits_positions"]],
                                      tf[f"{path}_logits_BPV_at_positions"], logits_tol))
-                checks.append(_tokens(f"{name}_argmax", [logits.argmax(-1)], [tf[f"{path}_tf_argmax_BL"].cpu()],
+                checks.append(token_check(f"{name}_argmax", [logits.argmax(-1)], [tf[f"{path}_tf_argmax_BL"].cpu()],
                                       on_cpu))
 
     engines = {"": EngineConfig("fp32", channels_last_vae=False), "engine.": EngineConfig("fp32"),
@@ -124,12 +121,12 @@ def check_hmar_folder(folder: Path, meta: dict, device: torch.device) -> list[di
             rec = _RecordHMAR(variant, sampling.cfg)
             out = generate(rec, run["label_B"], sampling, g_seed=int(run["g_seed"]))
             name = prefix + run_file.stem
-            checks.append(_tokens(f"{name}.tokens", out.tokens, want_tokens, on_cpu))
+            checks.append(token_check(f"{name}.tokens", out.tokens, want_tokens, on_cpu))
             kv = out.state.kv_bytes
             checks.append({"check": f"{name}.kv_bytes", "got": max(kv), "pass": len(kv) == len(pn) and not any(kv)})
             if on_cpu:  # the random stream is device-specific
                 checks += _trace_checks(name, rec, out.state, variant.schedule, run["mask_trace"])
-                checks.append(_close(f"{name}.image", out.images, run["img_B3HW_01"],
+                checks.append(close(f"{name}.image", out.images, run["img_B3HW_01"],
                                      TOL["image"] if not prefix else TOL["recon"]))
             for i, call in enumerate(run.get("cfg_logits_calls_scales_0_2", []) if not prefix else []):
                 if not on_cpu and i:  # later calls depend on draws, which differ off the CPU stream
@@ -137,6 +134,6 @@ def check_hmar_folder(folder: Path, meta: dict, device: torch.device) -> list[di
                 steps = [(c[0], c[1]) for c in rec.calls]
                 checks.append({"check": f"{name}.cfg_logits.call{i}.order",
                                "pass": steps[i] == (call["si"], call["step"])})
-                checks.append(_close(f"{name}.cfg_logits.s{call['si']}_step{call['step']}", rec.logits[i],
+                checks.append(close(f"{name}.cfg_logits.s{call['si']}_step{call['step']}", rec.logits[i],
                                      call["logits"], logits_tol))
     return checks

@@ -6,7 +6,6 @@ see interleaved records; a line cut short by a crash is skipped on load (and its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .hashing import config_hash
 
 __all__ = ["SCHEMA", "capture_env", "config_hash", "append_record", "load_records"]
 
@@ -63,12 +64,6 @@ def _nvidia_driver() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-
-
-def config_hash(config: Any) -> str:
-    """Stable short hash of a JSON-serialisable configuration."""
-    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:

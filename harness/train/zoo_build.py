@@ -3,7 +3,7 @@
     varbench train zoo --out runs/zoo --export          # ~75 min on a 2-core CPU; rerun to resume
     varbench train zoo --out runs/zoo --export DIR      # export somewhere else (then set VARBENCH_ZOO=DIR)
 
-Phases (`ZOO_PLAN` and `ZOO_LANES` in variants/training.py):
+Phases (`ZOO_PLAN` and `ZOO_LANES` in harness/train/steps.py):
   1. the VQVAE on two threads, with the classifier beside it on one;
   2. the VAR lanes side by side, one thread each, on the frozen VQVAE.
 Each job is its own `python -m varbench.harness.train KIND ... --resume` process writing OUT/<name>/, so an
@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from varbench.variants import training as T
+from . import steps as T
 from varbench.variants.zoo import MANIFEST, ZOO_DIR
 
-from .records import capture_env
-from .train import LOG, SUMMARY, WEIGHTS, load_checkpoint
+from varbench.harness.core.records import capture_env
+from .trainer import LOG, SUMMARY, WEIGHTS, load_checkpoint
 
 __all__ = ["job_args", "build", "export", "main"]
 
@@ -130,7 +130,7 @@ def _record(run: Path) -> dict[str, Any]:
 def export(out: str | Path, dest: str | Path, train_minutes: float | None = None,
            names: Sequence[str] = T.ZOO_SHIPPED) -> dict[str, Any]:
     """Writes each finished member's weights as an fp16 state dict into `dest`, with manifest.json."""
-    from .extractors import file_sha256
+    from varbench.harness.core.hashing import file_sha256
 
     out, dest = Path(out), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def export(out: str | Path, dest: str | Path, train_minutes: float | None = None
     doc = {"schema": 1, "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "torch": env["torch"],
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": "varbench train zoo --out OUT --export", "train_minutes": train_minutes,
-           "data": {"set": "varbench synthetic (harness/synthetic.py)", "image_size": T.ZOO_IMAGE_SIZE,
+           "data": {"set": "varbench synthetic (harness/eval/synthetic.py)", "image_size": T.ZOO_IMAGE_SIZE,
                     "num_classes": T.ZOO_NUM_CLASSES, "patch_nums": list(T.ZOO_PATCH_NUMS)},
            "models": models}
     (dest / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")

@@ -11,16 +11,17 @@ guided handover logits, the final f_hat and the image (stored as float16, hence 
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .conformance import CUDA_LOGITS_TOL, TOL, _close, _RecordGuided, _tokens
-from .loop import generate
-from .sampling import SampleConfig, draw_tokens, guide
+from varbench.harness.core.hashing import file_sha256
+from varbench.harness.core.loop import generate
+from varbench.harness.core.sampling import SampleConfig, draw_tokens, guide
+
+from .common import CUDA_LOGITS_TOL, TOL, RecordGuided, close, token_check
 
 __all__ = ["check_code_folder"]
 
@@ -29,7 +30,7 @@ __all__ = ["check_code_folder"]
 IMAGE_TOL = 1e-3
 
 
-class _RecordCoDe(_RecordGuided):
+class _RecordCoDe(RecordGuided):
     """Also keeps, before the loop filters them in place: the sampling calls in order (stream, shape, top-k,
     top-p, as meta.json's `calls`), the discarded logits, and the drafter's hand-over (token hub, f_hat)."""
 
@@ -56,14 +57,6 @@ class _RecordCoDe(_RecordGuided):
         return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _replay_discards(discards: list[tuple[int, Tensor]], sampling: SampleConfig, g_seed: int,
                      device: torch.device, last: int) -> list[Tensor]:
     """The refiner's thrown-away tokens: its stream restarts at g_seed and draws scales 0..N-1 first."""
@@ -81,7 +74,7 @@ def check_code_folder(folder: Path, meta: dict, device: torch.device) -> list[di
     on_cpu = device.type == "cpu"
     logits_tol = TOL["logits"] if on_cpu else CUDA_LOGITS_TOL
     files = {role: folder / meta[role]["file"] for role in ("drafter", "refiner", "vae")}
-    checks = [{"check": f"{role}.sha256", "pass": _sha256(path) == meta[role]["sha256"]}
+    checks = [{"check": f"{role}.sha256", "pass": file_sha256(path) == meta[role]["sha256"]}
               for role, path in files.items()]
     pn = meta.get("patch_nums")
     # the drafter file stores float16 tensors whose values are the fp32 weights (README): compute in fp32
@@ -114,13 +107,13 @@ def check_code_folder(folder: Path, meta: dict, device: torch.device) -> list[di
             pn = drafter.cfg.patch_nums
             begin, end = refiner.begin_ends[n]
             x_in = vae.tokens_to_var_input(run["idx_Bl_per_scale"], pn)  # (B, L - 1, Cvae)
-            checks.append(_close(f"{name}.token_hub_from_tokens", x_in[:, : end - 1], run["draft_token_hub_BLCv"],
+            checks.append(close(f"{name}.token_hub_from_tokens", x_in[:, : end - 1], run["draft_token_hub_BLCv"],
                                  TOL["var_input"]))
             labels = run["label_B"]
             labels = torch.cat((labels, torch.full_like(labels, refiner.cfg.num_classes)))  # CFG halves
             both = refiner(labels, x_in.repeat(2, 1, 1))  # block-causal: scale N sees only the drafted inputs
             tf = guide(both[:, begin:end], sampling.cfg * n / (len(pn) - 1))
-            checks.append(_close(f"{name}.teacher_forced_handover_logits", tf, run["handover_cfg_logits_BlV"],
+            checks.append(close(f"{name}.teacher_forced_handover_logits", tf, run["handover_cfg_logits_BlV"],
                                  logits_tol))
 
         for prefix, (d, r) in pairs.items():
@@ -128,7 +121,7 @@ def check_code_folder(folder: Path, meta: dict, device: torch.device) -> list[di
             rec = _RecordCoDe(code, sampling)
             out = generate(rec, run["label_B"], sampling, g_seed=int(run["g_seed"]))
             full = prefix + name
-            checks.append(_tokens(f"{full}.tokens", out.tokens, want_tokens, on_cpu))
+            checks.append(token_check(f"{full}.tokens", out.tokens, want_tokens, on_cpu))
             sources = [model for model, scales in code.stages() for _ in scales]
             checks.append({"check": f"{full}.sources", "pass": sources == list(run["source_per_scale"])})
             if on_cpu:  # the random stream is device-specific: the recorded consumption order is the CPU one
@@ -137,14 +130,14 @@ def check_code_folder(folder: Path, meta: dict, device: torch.device) -> list[di
                                "pass": rec.calls == want_calls})
                 discarded = _replay_discards(rec.discards, sampling, int(run["g_seed"]), device,
                                              len(code.patch_nums) - 1)
-                checks.append(_tokens(f"{full}.refiner_discarded", discarded,
+                checks.append(token_check(f"{full}.refiner_discarded", discarded,
                                       [t.cpu() for t in run["refiner_discarded_idx_per_scale"]], True))
-                checks.append(_close(f"{full}.image", out.images, run["img_B3HW_01"], IMAGE_TOL))
-            checks.append(_close(f"{full}.handover_cfg_logits", rec.logits[n], run["handover_cfg_logits_BlV"],
+                checks.append(close(f"{full}.image", out.images, run["img_B3HW_01"], IMAGE_TOL))
+            checks.append(close(f"{full}.handover_cfg_logits", rec.logits[n], run["handover_cfg_logits_BlV"],
                                  logits_tol))
-            checks.append(_close(f"{full}.draft_token_hub", rec.hub, run["draft_token_hub_BLCv"], TOL["var_input"]))
-            checks.append(_close(f"{full}.draft_f_hat", rec.draft_f_hat, run["draft_f_hat_BChw"], TOL["var_input"]))
-            checks.append(_close(f"{full}.f_hat_final", out.state.f_hat, run["f_hat_final_BChw"], TOL["var_input"]))
+            checks.append(close(f"{full}.draft_token_hub", rec.hub, run["draft_token_hub_BLCv"], TOL["var_input"]))
+            checks.append(close(f"{full}.draft_f_hat", rec.draft_f_hat, run["draft_f_hat_BChw"], TOL["var_input"]))
+            checks.append(close(f"{full}.f_hat_final", out.state.f_hat, run["f_hat_final_BChw"], TOL["var_input"]))
             held = out.state.drafter.cache.nbytes()
             checks.append({"check": f"{full}.drafter_cache_freed", "got": held, "pass": held == 0})
     return checks

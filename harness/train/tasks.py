@@ -1,7 +1,7 @@
 """What each kind of `varbench.harness.train` trains: its model, batches, loss and held-out metrics.
 
 The loop in `harness.train` is generic; a `Task` is everything it needs to know about one kind. The losses
-themselves live in `varbench.variants.training`. Kinds:
+themselves live in `varbench.harness.train.steps`. Kinds:
 
 * `classifier`, `vqvae`: images straight from the data (the synthetic set, or `--data`'s folder).
 * `var`, `hmar`: a frozen tokenizer (`vqvae`, or a seeded random one for tests) turns the synthetic set into token
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .synthetic import make_dataset
-from .train_data import FolderData, MemoryData, scan_folder
+from varbench.harness.eval.synthetic import make_dataset
+from .data import FolderData, MemoryData, scan_folder
 
 if TYPE_CHECKING:
-    from varbench.variants.training import ModelSizes
+    from .steps import ModelSizes
 
-    from .train import TrainConfig
+    from .trainer import TrainConfig
 
 __all__ = ["HELDOUT_START", "Task", "build_task", "step_generator"]
 
@@ -88,7 +88,7 @@ def _data(cfg: TrainConfig, sizes: ModelSizes, rank: int, world: int) -> tuple[D
 
 
 def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
-    from varbench.variants import training as T
+    from . import steps as T
 
     sizes = T.sizes(cfg.preset)
     device = torch.device(cfg.device)
@@ -99,7 +99,7 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
         return x.to(device), y.to(device)
 
     if cfg.kind == "classifier":
-        from .extractors import ProjectCNN
+        from varbench.harness.eval.extractors import ProjectCNN
 
         model = ProjectCNN(sizes.num_classes).reset_parameters_deterministic(cfg.seed)
 
@@ -177,7 +177,7 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
 
 def _tokenizer(cfg: TrainConfig, sizes: ModelSizes, device: torch.device) -> nn.Module:
     """The frozen VQVAE of a VAR or HMAR job: `cfg.vqvae` (checked against the preset), or a seeded random one."""
-    from varbench.variants import training as T
+    from . import steps as T
     from varbench.variants.loading import load_vqvae
     from varbench.variants.vqvae import VQVAE
 
@@ -216,8 +216,8 @@ class _TokenData:
 
 def _var_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _TokenData, rank: int,
               info: dict[str, Any]) -> Task:
-    from varbench.harness.checkpoints import load_strict, read_state_dict
-    from varbench.variants import training as T
+    from varbench.harness.core.checkpoints import load_strict, read_state_dict
+    from . import steps as T
     from varbench.variants.loading import identify
     from varbench.variants.var_model import VARConfig, VARNet
 
@@ -264,8 +264,8 @@ def _var_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _Tok
 
 def _hmar_task(cfg: TrainConfig, vae: nn.Module, gen: torch.Generator, data: _TokenData, rank: int,
                info: dict[str, Any]) -> Task:
-    from varbench.harness.checkpoints import load_strict, read_state_dict
-    from varbench.variants import training as T
+    from varbench.harness.core.checkpoints import load_strict, read_state_dict
+    from . import steps as T
     from varbench.variants.hmar_model import HMARConfig, HMARNet
     from varbench.variants.loading import identify
 

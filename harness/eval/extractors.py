@@ -30,6 +30,8 @@ from torch.utils.data import Dataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from varbench.harness.core.hashing import file_sha256
+
 __all__ = ["INCEPTION", "PROJECT_CNN", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "ProjectCNN",
            "inception_weights", "project_extractor_name", "weights_sha256", "RANDOM_INIT", "describe_extractor", "resolve_weights",
            "feature_layers", "extract_features", "file_sha256", "check_images", "PROJECT_CNN_VERSION"]
@@ -46,21 +48,6 @@ PROJECT_SEED = 0
 RANDOM_INIT = "random"  # extractor_weights value for the untrained ProjectCNN (seeded init)
 PROJECT_CNN_VERSION = 1  # bump when ProjectCNN's layers, preprocessing or seeded init change: keys the caches
 PROJECT_RESOLUTION = 64
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, memoised per (path, size, mtime) so a 96 MB weights file is read once."""
-    st = os.stat(path)
-    return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 def inception_weights(path: str | None = None) -> str:

@@ -5,7 +5,7 @@ the images never depend on the number of ranks or on how a run was interrupted. 
 its own shard file atomically (tmp file, fsync, rename), finished shards are skipped on rerun, and rank 0
 concatenates them into one ADM-style .npz at the end.
 
-    torchrun --standalone --nproc_per_node 2 -m varbench.harness.shard --variant test_var \
+    torchrun --standalone --nproc_per_node 2 -m varbench.harness.run.shard --variant test_var \
         --num-samples 8 --block-size 2 --out DIR --seed 0
 """
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .loop import generate
-from .sampling import SampleConfig
+from varbench.harness.core.loop import generate
+from varbench.harness.core.sampling import SampleConfig
 
 __all__ = ["SEED_STRIDE", "REPORT_PREFIX", "init_distributed", "barrier", "is_main", "block_seed",
            "shard_path", "sample_shards", "merge_shards", "main"]
@@ -214,7 +214,7 @@ def merge_shards(out_dir: Path, num_samples: int, block_size: int) -> Path:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m varbench.harness.shard", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m varbench.harness.run.shard", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", required=True, help="registered variant name (e.g. test_var, var_d16)")
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--block-size", type=int, default=25, help="samples per block (one generate call)")
@@ -231,12 +231,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry of `torchrun -m varbench.harness.shard`: samples this rank's blocks, rank 0 merges."""
+    """Entry of `torchrun -m varbench.harness.run.shard`: samples this rank's blocks, rank 0 merges."""
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import create_variant  # the package imports the registry; keep this module light to import
+    from varbench.harness.core.registry import create_variant  # the package imports the registry; keep this module light to import
 
     rank, world = init_distributed(args.device)
     device = args.device

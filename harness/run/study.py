@@ -2,9 +2,9 @@
 
 plan(study) -> cells (variant × KV policy × sweep point); for each cell:
     speed    one record per batch size: warm-up excluded, median/IQR of repeats, per-scale latency, VAE decode
-             apart, peak memory (method recorded), KV bytes read from the cache (harness/bench.py)
-    quality  samples in seed blocks, sharded over torchrun ranks (harness/shard.py), merged to an ADM-style
-             .npz, scored with torch-fidelity (harness/quality.py) with bootstrap intervals
+             apart, peak memory (method recorded), KV bytes read from the cache (harness/run/bench.py)
+    quality  samples in seed blocks, sharded over torchrun ranks (harness/run/shard.py), merged to an ADM-style
+             .npz, scored with torch-fidelity (harness/eval/quality.py) with bootstrap intervals
     consistency  PSNR/SSIM (LPIPS when its weights are local) against the baseline cell's samples, same seeds
 Every record carries the cell, its config hash and the environment. A rerun skips measurements whose
 (kind, config hash) is already recorded, so an interrupted study resumes where it stopped.
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from .config import StudyConfig, at_point, sweep_points, to_dict
-from .records import SCHEMA, append_record, capture_env, config_hash, load_records
-from .registry import KV_POLICIES, VARIANTS
+from varbench.harness.core.records import SCHEMA, append_record, capture_env, config_hash, load_records
+from varbench.harness.core.registry import KV_POLICIES, VARIANTS
 
 __all__ = ["Cell", "plan", "check_names", "run_study", "resolve_device", "cache_dir"]
 
@@ -100,7 +100,7 @@ def check_names(study: StudyConfig) -> None:
         raise ValueError(f"baseline {study.baseline!r} is not one of the study's variants {list(study.variants)}")
     q = study.quality
     if q is not None and q.metrics:  # files the scoring needs: missing ones fail now, not after the sampling
-        from .extractors import resolve_weights
+        from varbench.harness.eval.extractors import resolve_weights
 
         resolve_weights(q.extractor, q.extractor_weights)
         if q.reference is None and q.metrics != ("isc",):
@@ -130,7 +130,7 @@ def build_cell(cell: Cell, device: str):
     """The cell's variant on `device`, with the study's engine settings and the cell's KV policy."""
     from varbench.variants.var import EngineConfig
 
-    from . import create_variant
+    from varbench.harness.core.registry import create_variant
 
     engine = EngineConfig(_precision(cell.config, device), compile=cell.config.engine.compile,
                           cuda_graphs=cell.config.engine.cuda_graphs)
@@ -262,7 +262,7 @@ def _speed(run: _Run, cell: Cell, variant, batch: int, chash: str) -> dict[str, 
 
 def _quality(run: _Run, cell: Cell, variant, bar) -> tuple[Path, dict[str, Any] | None]:
     """Samples (sharded, resumable) and scores one cell; returns the merged samples and the record."""
-    from .quality import score
+    from varbench.harness.eval.quality import score
     from .shard import barrier, merge_shards, sample_shards
 
     q, chash = cell.config.quality, _quality_hash(cell, run.device)
@@ -313,11 +313,11 @@ def _reference_source(source: str | None) -> str:
 
 def _reference(q, size: int, device: str):
     """The reference of a quality config; "synthetic" renders the project's data set at `size` px."""
-    from .quality import reference_stats
+    from varbench.harness.eval.quality import reference_stats
 
     source = _reference_source(q.reference)
     if source == "synthetic":
-        from .synthetic import make_dataset, save_npz
+        from varbench.harness.eval.synthetic import make_dataset, save_npz
 
         count = max(q.num_samples, 1000)
         path = cache_dir() / "synthetic" / f"synthetic_{size}px_{count}_seed{SYNTHETIC_SEED}.npz"
@@ -331,8 +331,8 @@ def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar
     """PSNR/SSIM/LPIPS and the paired FID difference of every cell against the baseline cell (the baseline
     variant with the first KV policy at the first sweep point), on the same seeds; cells whose sample sets
     differ in shape are skipped."""
-    from .consistency import consistency
-    from .quality import fid_difference
+    from varbench.harness.eval.consistency import consistency
+    from varbench.harness.eval.quality import fid_difference
 
     study, out = run.study, []
     base_variant = study.baseline or study.variants[0]

@@ -263,7 +263,7 @@ def _match(spec: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Rec
 
 def _missing_weights(needs: list[str]) -> list[str]:
     """The checkpoint files of `needs` (names in OFFICIAL_FILES or hf:OWNER/REPO/FILE) not on this machine."""
-    from .checkpoints import OFFICIAL_FILES, resolve_source
+    from varbench.harness.core.checkpoints import OFFICIAL_FILES, resolve_source
 
     def here(source: str) -> bool:
         try:

@@ -10,7 +10,7 @@ classifier: the small 64 px zoo on the synthetic set, or real sizes on an ImageN
         --data /path/to/imagenet --vqvae vae_ch160v4096z32.pth --workers 8 ...       # ImageNet (README)
 
 What it does (per-kind models, batches and held-out metrics live in `harness.train_tasks`, model-specific losses
-in `varbench.variants.training`):
+in `varbench.harness.train.steps`):
 * AdamW (no weight decay on biases, gains, embeddings and position tensors), linear warm-up then cosine (or
   linear) decay to `min_lr_ratio`·lr, gradient-norm clipping.
 * Data (`harness.train_data`): by default the synthetic set (`harness.synthetic`) of `num_train` images, held
@@ -52,8 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .shard import barrier, init_distributed
-from .train_tasks import HELDOUT_START, Task, build_task
+from varbench.harness.run.shard import barrier, init_distributed
+from .tasks import HELDOUT_START, Task, build_task
 
 __all__ = ["KINDS", "TrainConfig", "HELDOUT_START", "train", "lr_factor", "load_checkpoint", "main"]
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .loop import generate
-from .measure import MemoryMeter, RegionTimer, p50_iqr, peak_flops
-from .sampling import SampleConfig
+from varbench.harness.core.loop import generate
+from varbench.harness.core.measure import MemoryMeter, RegionTimer, p50_iqr, peak_flops
+from varbench.harness.core.sampling import SampleConfig
 
 __all__ = ["bench_variant", "vae_decode_flops"]
 

@@ -14,96 +14,32 @@ only knows how to compute each model's loss on a batch. Objectives follow docs/V
 * `hmar_ns_step` / `hmar_mask_step`: HMAR's two training stages (docs/HMAR_SPEC.md §5, §7), see the HMAR section.
 * `classifier_step`: cross entropy of `ProjectCNN` on the synthetic data set's labels.
 
-Zoo sizes and the budget arithmetic are in `ZOO` / `zoo_budget` below.
+Zoo sizes are in variants/presets.py, the zoo plan in plan.py, the budget arithmetic in `zoo_budget`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hmar_model import HMARConfig, HMARNet
-from .var_model import PATCH_NUMS, VARConfig, VARNet
-from .vqvae import VQVAE, VQVAEConfig
+from varbench.variants.hmar_model import HMARNet
+from varbench.variants.var_model import VARNet
+from varbench.variants.vqvae import VQVAE
+from varbench.variants.presets import (IMAGENET256, TINY, ZOO, ZOO_CODE_DRAFT_STEPS, ZOO_IMAGE_SIZE,  # noqa: F401
+                                     ZOO_NUM_CLASSES, ZOO_PATCH_NUMS, ZOO_VAR_DEPTHS, ModelSizes, hmar_config,
+                                     hmar_n_layers_train, sizes, var_config)
 
-__all__ = ["ZOO_PATCH_NUMS", "ZOO_IMAGE_SIZE", "ZOO_NUM_CLASSES", "ZOO_VAR_DEPTHS", "ModelSizes", "ZOO", "TINY", "IMAGENET256",
-           "sizes", "var_config", "init_var_", "init_vqvae_", "images_to_tensor", "quantize_train",
-           "hmar_config", "hmar_n_layers_train", "init_hmar_", "lognormal_scale_weights", "token_weights",
+from .plan import (SECONDS_PER_STEP_1THREAD, TOKENIZE_MINUTES, VQVAE_THREAD_SPEEDUP, ZOO_LANES,  # noqa: F401
+                   ZOO_PLAN, ZOO_SHIPPED, ZOO_VAR_LR, ZooJob, plan_minutes, zoo_budget)
+
+__all__ = ["init_var_", "init_vqvae_", "init_hmar_", "images_to_tensor", "quantize_train", "vqvae_step", "var_step",
+           "classifier_step", "drop_labels", "param_count", "lognormal_scale_weights", "token_weights",
            "draw_mask_positions", "hmar_ns_step", "hmar_mask_step", "hmar_trainable_", "start_masked_path_",
-           "hmar_state_from_var",
-           "vqvae_step", "var_step", "classifier_step", "drop_labels", "param_count", "zoo_budget",
-           "ZooJob", "ZOO_VAR_LR", "ZOO_PLAN", "ZOO_LANES", "ZOO_SHIPPED", "ZOO_CODE_DRAFT_STEPS",
-           "SECONDS_PER_STEP_1THREAD", "VQVAE_THREAD_SPEEDUP", "TOKENIZE_MINUTES", "plan_minutes"]
-
-ZOO_IMAGE_SIZE = 64
-ZOO_PATCH_NUMS: tuple[int, ...] = PATCH_NUMS[155]  # (1, 2, 3, 4, 5, 6, 8): L = 155 tokens on an 8x8 latent
-ZOO_NUM_CLASSES = 10
-ZOO_VAR_DEPTHS: tuple[int, ...] = (1, 2, 3, 4, 5)
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    """One preset: the tokenizer and how VAR transformers on top of it are sized."""
-
-    name: str
-    vqvae: VQVAEConfig
-    width_per_depth: int = 64  # VAR width = 64·depth and heads = depth (head dim 64), as in the released VARs
-    patch_nums: tuple[int, ...] = ZOO_PATCH_NUMS
-    num_classes: int = ZOO_NUM_CLASSES
-    image_size: int = ZOO_IMAGE_SIZE  # px: the VQVAE's downsampling (2^(levels−1)) times patch_nums[-1]
-
-
-# The zoo: an 8x VQVAE (64 px -> 8x8 latent; three downsamples), vocab 512, Cvae 16, one res block per level;
-# VARs of width 32·depth (head dim 32). Width 64·depth was tried first: after 500 steps d4 and d5 ended above
-# d3 (held-out CE 1.729 and 1.741 against 1.674, and d4 stayed above d3 at a 1/width lr), so at this data and
-# budget the sizes past ~2 M parameters had nothing left to learn: the loss fit needs the range below it.
-ZOO = ModelSizes("zoo", VQVAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, vocab_size=512, z_channels=16,
-                                    num_phi=4, hit_rows=len(ZOO_PATCH_NUMS)), width_per_depth=32)
-# Test preset: same schedule and image size, a much thinner tokenizer and width 32·depth.
-TINY = ModelSizes("tiny", VQVAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, vocab_size=64, z_channels=8,
-                                      num_phi=4, hit_rows=len(ZOO_PATCH_NUMS)), width_per_depth=32)
-# Real size, for ImageNet folders (`train --data`): the official tokenizer vae_ch160v4096z32 (VQVAEConfig's
-# defaults: ch 160, ch_mult (1,1,2,2,4), 2 res blocks, vocab 4096, Cvae 32) and VARConfig's defaults (the 256 px
-# schedule of 10 scales, 1000 classes); width 64·depth, heads = depth; 16x downsampling · 16 = 256 px
-# (docs/VAR_SPEC.md §1).
-_OFFICIAL_VAR = VARConfig()
-IMAGENET256 = ModelSizes("imagenet256", VQVAEConfig(), width_per_depth=64, patch_nums=_OFFICIAL_VAR.patch_nums,
-                         num_classes=_OFFICIAL_VAR.num_classes, image_size=256)
-_PRESETS = {p.name: p for p in (ZOO, TINY, IMAGENET256)}
-
-
-def sizes(preset: str) -> ModelSizes:
-    try:
-        return _PRESETS[preset]
-    except KeyError:
-        raise ValueError(f"unknown size preset {preset!r}; known: {', '.join(_PRESETS)}") from None
-
-
-def var_config(preset: str, depth: int) -> VARConfig:
-    p = sizes(preset)
-    return VARConfig(depth=depth, width=p.width_per_depth * depth, heads=depth, patch_nums=p.patch_nums,
-                     vocab_size=p.vqvae.vocab_size, z_channels=p.vqvae.z_channels, num_classes=p.num_classes)
-
-
-def hmar_n_layers_train(depth: int) -> int:
-    """Blocks of each private HMAR path (ns and mask): half the depth, at least 1, at most 8. The official build
-    uses 8 at every released depth (16-30, HMAR_SPEC §1), which this gives; for the zoo's small depths a fixed 8
-    is impossible, and half keeps a shared base as d16's 8 + 8 does (d1: 0 base + 1, d2: 1 + 1, d5: 3 + 2)."""
-    return min(8, max(1, depth // 2))
-
-
-def hmar_config(preset: str, depth: int) -> HMARConfig:
-    """An HMAR of the preset's sizes: VAR's width and heads per depth, plus `hmar_n_layers_train(depth)`."""
-    p = sizes(preset)
-    return HMARConfig(depth=depth, width=p.width_per_depth * depth, heads=depth,
-                      n_layers_train=hmar_n_layers_train(depth), patch_nums=p.patch_nums,
-                      vocab_size=p.vqvae.vocab_size, z_channels=p.vqvae.z_channels, num_classes=p.num_classes)
-
+           "hmar_state_from_var"]  # and, re-exported, the presets and the zoo plan
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -382,7 +318,7 @@ def hmar_mask_step(net: HMARNet, vae: VQVAE, tokens: Sequence[Tensor], labels: T
     (default: `draw_mask_positions` from `generator`, after the label-dropout coins) replaced by [MASK]. Loss:
     unweighted CE over the masked positions only. Metrics: `acc` there, `masked` (the fraction of L−1 masked).
     """
-    from .hmar import mask_token_input  # variants.hmar imports the harness: import it at call time
+    from varbench.variants.hmar import mask_token_input  # variants.hmar imports the harness: import it at call time
 
     pn = net.cfg.patch_nums
     with torch.no_grad():
@@ -457,76 +393,3 @@ def hmar_state_from_var(var_sd: dict[str, Tensor], net: HMARNet) -> dict[str, Te
 # a member that starts from another comes after it in the same lane); each VAR/HMAR job first tokenises the
 # 10,500 images (`TOKENIZE_MINUTES`). `plan_minutes` turns the measurements into the plan's wall time.
 #
-# The VARs get 1500 steps at batch 32 each (equal steps and data for every size, so the loss fit compares
-# sizes, not budgets) at a peak rate tuned per size (`ZOO_VAR_LR`): one rate for every width does not carry.
-# 1500 steps at 3e-3 for all five gave d1..d5 held-out CE 1.599, 1.496, 1.451, 1.524, 1.554 (d4 and d5 worse
-# than d3: no power law); the first zoo (500 steps at 1e-3) gave 1.880, 1.778, 1.730, 1.714, 1.707.
-
-
-@dataclass(frozen=True)
-class ZooJob:
-    """One zoo member's training run: the arguments of its `varbench.harness.train` command line."""
-
-    kind: str  # the trainer's kind: vqvae, classifier, var or hmar
-    steps: int
-    batch_size: int
-    depth: int = 0
-    lr: float | None = None  # None: the trainer's default
-    init: str = ""  # the zoo member whose trained model.pt this run starts from
-    from_scale: int = 0  # VAR: train on the scales >= from_scale only (a CoDe refiner)
-    stage: int = 1  # HMAR: 1 = next-scale path, 2 = masked path
-    shipped: bool = True  # False for an intermediate run (HMAR's stage 1, which stage 2 contains)
-
-
-# Peak rate per VAR depth, picked by held-out CE over the runs in results/zoo_lr_sweep.md (3e-3 for all; 3e-3·96/width
-# for d4 and d5; 1.2e-3 and 9e-4 for d5). d4 was not tried below 2.25e-3.
-ZOO_VAR_LR = {1: 3e-3, 2: 3e-3, 3: 3e-3, 4: 2.25e-3, 5: 9e-4}
-
-
-SECONDS_PER_STEP_1THREAD = {"vqvae": 3.47, "classifier": 0.60, "var_d1": 0.084, "var_d2": 0.207, "var_d3": 0.463,
-                            "var_d4": 0.827, "var_d5": 1.375, "refiner_d2": 0.207, "hmar_d5_ns": 1.47,
-                            "hmar_d5": 1.20}
-VQVAE_THREAD_SPEEDUP = 1.76  # two threads against one, VQVAE at batch 32 (0.51 vs 0.29 steps/s)
-TOKENIZE_MINUTES = 1.5  # a VAR/HMAR job's one-off encoding of the data set by the frozen VQVAE
-ZOO_CODE_DRAFT_STEPS = 5  # CoDe on the zoo: the refiner makes scales 6x6 and 8x8 (see variants/zoo.py)
-ZOO_PLAN: dict[str, ZooJob] = {
-    "vqvae": ZooJob("vqvae", 1200, 16),
-    "classifier": ZooJob("classifier", 600, 64),
-    **{f"var_d{d}": ZooJob("var", 1500, 32, depth=d, lr=ZOO_VAR_LR[d]) for d in ZOO_VAR_DEPTHS},
-    # CoDe's refiner: the trained d2, fine-tuned on the scales it makes in CoDe (as the official refiner_N.pth
-    # is VAR-d16 fine-tuned for entry N)
-    "refiner_d2": ZooJob("var", 1000, 32, depth=2, lr=1e-3, init="var_d2", from_scale=ZOO_CODE_DRAFT_STEPS),
-    # HMAR from the trained d5 (HMAR_SPEC §7): stage 1 the Markov next-scale path, stage 2 the masked path
-    "hmar_d5_ns": ZooJob("hmar", 400, 32, depth=5, lr=1e-3, init="var_d5", shipped=False),
-    "hmar_d5": ZooJob("hmar", 400, 32, depth=5, lr=1e-3, init="hmar_d5_ns", stage=2),
-}
-ZOO_LANES: tuple[tuple[str, ...], ...] = (("var_d5", "hmar_d5_ns", "hmar_d5"),
-                                          ("var_d4", "var_d3", "var_d2", "refiner_d2", "var_d1"))
-ZOO_SHIPPED: tuple[str, ...] = tuple(n for n, job in ZOO_PLAN.items() if job.shipped)
-
-
-def plan_minutes() -> dict[str, float]:
-    """Wall minutes of each phase of the plan from the measured seconds per step (batch-scaled)."""
-    def minutes(name: str, base_batch: int = 32) -> float:
-        job = ZOO_PLAN[name]
-        return job.steps * SECONDS_PER_STEP_1THREAD[name] * job.batch_size / base_batch / 60
-
-    vqvae = minutes("vqvae") / VQVAE_THREAD_SPEEDUP
-    classifier = minutes("classifier", 64)
-    lanes = [sum(minutes(n) + TOKENIZE_MINUTES for n in lane) for lane in ZOO_LANES]
-    return {"vqvae": vqvae, "classifier": classifier, "var_lanes": max(lanes),
-            "total": max(vqvae, classifier) + max(lanes)}
-
-
-def zoo_budget(preset: str = "zoo", depths: Sequence[int] = ZOO_VAR_DEPTHS) -> dict[str, int]:
-    """Parameter counts and fp16 bytes of the zoo (VQVAE, each VAR depth, ProjectCNN)."""
-    from varbench.harness.extractors import ProjectCNN
-
-    p = sizes(preset)
-    with torch.device("meta"):
-        counts = {"vqvae": param_count(VQVAE(p.vqvae)), "classifier": param_count(ProjectCNN(p.num_classes))}
-        for d in depths:
-            counts[f"var_d{d}"] = param_count(VARNet(var_config(preset, d)))
-    counts["total_params"] = sum(counts.values())
-    counts["fp16_bytes"] = 2 * counts["total_params"]
-    return counts

@@ -1,0 +1,55 @@
+"""Conformance: replays a fixture folder (reference outputs of the official code) against this implementation.
+
+Format: docs/../conformance/README.md. Every comparison becomes one entry of the report with its error and
+tolerance; the folder passes only if every entry passes. On CPU in fp32 tokens must match exactly; on CUDA
+the random stream differs from the CPU's, so logits are compared within a looser tolerance and the token
+agreement rate is reported instead of required. One checker per family (var.py, code.py, hmar.py) over the
+shared comparisons of common.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .code import check_code_folder
+from .common import CUDA_LOGITS_TOL, TOL, RecordGuided
+from .hmar import check_hmar_folder
+from .var import check_var_folder
+
+__all__ = ["run_conformance", "fixture_kind", "TOL", "CUDA_LOGITS_TOL", "RecordGuided", "CHECKERS"]
+
+CHECKERS = {"var": check_var_folder, "code": check_code_folder, "hmar": check_hmar_folder}
+
+
+def fixture_kind(folder: Path, meta: dict) -> str | None:
+    """Which official code a fixture folder records: "var", "code" (drafter/refiner) or "hmar"."""
+    if "drafter" in meta:
+        return "code"
+    if any(folder.glob("hmar_d*.pth")):
+        return "hmar"
+    if {"depth", "vae_ch", "pn"} <= set(meta) and (folder / f"var_d{meta['depth']}.pth").is_file():
+        return "var"
+    return None
+
+
+def run_conformance(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """Replays every comparison of a fixture folder; returns {"folder", "device", "passed", "checks"}."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a conformance fixture folder (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fixtures are fp32 without TF32
+        torch.backends.cudnn.allow_tf32 = False
+    kind = fixture_kind(folder, meta)
+    if kind not in CHECKERS:
+        raise ValueError(f"{folder}: unsupported fixture kind (supported: the VAR format of conformance/var_d2, "
+                         "CoDe's code_d3_d2 and HMAR's hmar_d2)")
+    checks = CHECKERS[kind](folder, meta, dev)
+    return {"folder": str(folder), "device": str(dev), "passed": all(c["pass"] for c in checks), "checks": checks}
