@@ -15,14 +15,32 @@ def test_list_shows_variants_with_exact_parameter_counts(capsys):
     assert "var_d16" in out and "310,283,520" in out and "2,353,893,904" in out and "test_var" not in out
 
 
-def test_bench_prints_one_json_object_with_the_required_fields(capsys):
-    assert main(["bench", "--batch", "1", "--repeats", "2", "--vs-reference"]) == 0
+def test_bench_prints_one_json_object_with_the_required_fields(tmp_path, capsys):
+    assert main(["bench", "--batch", "1", "--repeats", "2", "--vs-reference", "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("images_per_s", "latency_ms_per_scale", "vae_decode_ms", "peak_memory_bytes", "kv_bytes", "mfu",
                 "speedup_vs_reference"):
         assert key in result
     assert len(result["latency_ms_per_scale"]) == 10 and result["images_per_s"] > 0
     assert result["kv_bytes"] == 2 * 2 * 1 * 680 * 128 * 2 * 4  # K,V x CFG x batch x L x width x depth x fp32
+    records = list(load_records(tmp_path / "records.jsonl"))  # the measurement and the reference's
+    assert [r["label"] for r in records] == ["test_var full", "test_var full reference"]
+    assert records[0]["config_hash"] != records[1]["config_hash"] and records[0]["engine"] != records[1]["engine"]
+
+
+def test_bench_writes_a_record_that_table_prints(tmp_path, capsys):
+    assert main(["bench", "--variant", "test_var", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                 "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["images_per_s"] > 0  # stdout stays one JSON object
+    assert str(tmp_path / "records.jsonl") in captured.err
+    (record,) = load_records(tmp_path / "records.jsonl")
+    assert record["kind"] == "speed" and record["study"] == "bench" and record["cell"]["variant"] == "test_var"
+    assert record["config_hash"] and "git_sha" in record["env"] and record["env"]["torch"]
+    assert record["metrics"]["images_per_s"] > 0 and record["batch_size"] == 1
+    assert main(["table", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "test_var" in table and "img/s" in table and "- git:" in table
 
 
 def test_unknown_variant_fails_at_once_and_writes_nothing(tmp_path, capsys):

@@ -125,9 +125,9 @@ def test_bench_reports_the_current_scale_apart_per_model():
 
 
 @pytest.mark.parametrize("policy", [None, "streaming"])
-def test_bench_kv_bytes_current_is_the_largest_scale_whole(capsys, policy):
+def test_bench_kv_bytes_current_is_the_largest_scale_whole(capsys, policy, tmp_path):
     """test_var: the last scale's 16×16 map, every layer, K and V, both CFG halves, whatever the policy keeps."""
-    argv = ["bench", "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    argv = ["bench", "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]
     if policy:
         argv += ["--kv-policy", policy, "--kv-args", '{"budget": 0.1}']
     assert main(argv) == 0

@@ -87,7 +87,7 @@ def test_static_cache_holds_every_token_in_place_without_growing():
     assert cache.allocated_bytes == per_token * 680
     buffer = cache.k.data_ptr()
     generate(v, torch.tensor([3, 4]), SampleConfig(), g_seed=1)
-    assert v._static_cache.k.data_ptr() == buffer  # reused across calls of the same batch size
+    assert v.kv_buffer.k.data_ptr() == buffer  # reused across calls of the same batch size
 
 
 def test_bf16_engine_error_is_that_of_the_official_autocast():

@@ -18,7 +18,8 @@ from varbench.harness.core.sampling import SampleConfig
 from varbench.kernels import block_causal_ranges, block_sparse_attention
 from varbench.variants import describe
 from varbench.variants.hmar import HMAR_FILES, build_hmar, load_hmar_net, resolve_mask_schedule
-from varbench.variants.hmar_model import HMARConfig, HMARNet, param_count, param_count_closed_form
+from varbench.variants.hmar_model import HMARConfig, HMARNet, param_count_closed_form
+from varbench.variants.params import param_count
 from varbench.variants.loading import random_var_net
 from varbench.variants.var import EngineConfig
 from varbench.variants.var_model import VARConfig

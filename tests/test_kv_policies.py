@@ -89,7 +89,7 @@ def test_every_policy_at_a_full_budget_equals_full(small):
 def test_kv_bytes_at_budget_one_tenth_is_a_tenth_of_full_and_buffers_shrink(tiny):
     one = LABELS[:1]
     full = run(tiny, None, one)
-    full_kv, full_alloc = max(full.state.kv_bytes), tiny._static_cache.allocated_bytes
+    full_kv, full_alloc = max(full.state.kv_bytes), tiny.kv_buffer.allocated_bytes
     for name in COMPRESSING:
         policy = KV_POLICIES.get(name)(budget=0.1)
         if name == "scalekv":
@@ -288,8 +288,8 @@ def test_unknown_policy_args_name_the_valid_ones():
         KV_POLICIES.get("h2o")(budget=1.5)
 
 
-def test_bench_records_the_policy_and_a_tenth_of_the_kv_bytes(capsys):
-    argv = ["bench", "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+def test_bench_records_the_policy_and_a_tenth_of_the_kv_bytes(capsys, tmp_path):
+    argv = ["bench", "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]
     assert main(argv + ["--kv-policy", "streaming", "--kv-args", '{"budget": 0.1}']) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["kv_bytes"] == 2 * 2 * 1 * 68 * 128 * 2 * 4  # K,V x CFG x batch x 68 tokens x width x depth

@@ -35,7 +35,7 @@ def layer_of_file(path: Path) -> str | None:
         return rel[0]
     if rel[0] != "harness":
         return None
-    if rel[1] == "cli.py" or rel[1] == "cli":
+    if rel[1] == "cli":
         return "cli"
     if rel[1] == "__init__.py":
         return "facade"

@@ -16,13 +16,12 @@ def describe(name: str) -> dict:
     """One row of `varbench list`: name, family, parameter count (meta device), where it is defined."""
     from varbench.harness.core.registry import VARIANTS
 
-    from .var import param_count
+    from .params import param_count
 
     factory = VARIANTS.get(name)
     cfg = getattr(factory, "config", None)
     cfgs = cfg if isinstance(cfg, tuple) else (cfg,) if cfg else ()  # a tuple: several models (CoDe)
     family = name.removeprefix("test_").split("_")[0]
     doc = (factory.__doc__ or "").strip().splitlines()
-    count = getattr(factory, "param_count", param_count)  # a family with its own architecture counts itself
-    return {"name": name, "family": family, "params": f"{sum(map(count, cfgs)):,}" if cfgs else "?",
+    return {"name": name, "family": family, "params": f"{sum(map(param_count, cfgs)):,}" if cfgs else "?",
             "description": doc[0] if doc else "", "defined in": VARIANTS.origin(name)}

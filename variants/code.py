@@ -78,10 +78,9 @@ class CoDe:
             raise ValueError(f"draft_steps must be in 1..{len(drafter.patch_nums)}, got {draft_steps}")
         if drafter.device != refiner.device or drafter.engine != refiner.engine:
             raise ValueError("drafter and refiner must share one device and one engine configuration")
-        codes = drafter.vae.quantize.embedding.weight, refiner.vae.quantize.embedding.weight
-        if refiner.vae is not drafter.vae and not (codes[0].shape == codes[1].shape and torch.equal(*codes)):
-            raise ValueError("drafter and refiner must share one VQVAE (their codebooks differ)")
-        refiner.vae = drafter.vae  # one tokenizer in memory: the token maps and f_hat are handed over as is
+        if refiner.vae is not drafter.vae:  # the token maps and f_hat are handed over as is
+            raise ValueError("drafter and refiner must share one VQVAE module: build the refiner with "
+                             "build_var(..., vae=drafter.vae) or VAR(net, drafter.vae, ...)")
         self.drafter, self.refiner, self.draft_steps, self.name = drafter, refiner, draft_steps, name
         self.discard_draws = discard_draws
         self.models = {"drafter": drafter, "refiner": refiner}
@@ -101,6 +100,14 @@ class CoDe:
         out = [("drafter", tuple(range(n)))]
         return out + [("refiner", tuple(range(n, s)))] if self.handover else out
 
+    depth = property(lambda self: self.drafter.depth)
+    has_kv_cache: bool = True
+    default_sampling: SampleConfig | None = None  # code_d30_d16: CODE_SAMPLING
+    vae_decode_flops = VAR.vae_decode_flops
+    kv_report = VAR.kv_report
+    param_count = VAR.param_count
+    param_bytes = VAR.param_bytes
+
     def flops_per_image(self) -> float:
         return code_flops_per_image(self.drafter.cfg, self.refiner.cfg, self.draft_steps, self.discard_draws)
 
@@ -115,8 +122,7 @@ class CoDe:
         d = self.drafter
         # The drafter's static cache only needs its own scales (CUDA graphs capture every scale: full size).
         short = self.handover and d is not self.refiner and not self.engine.cuda_graphs
-        d.kv_tokens = d.net.begin_ends[self.draft_steps - 1][1] if short else None
-        return CoDeState(labels, d.start(labels))
+        return CoDeState(labels, d.start(labels, d.net.begin_ends[self.draft_steps - 1][1] if short else None))
 
     def forward(self, state: CoDeState, step: Step) -> StepOutput:
         if step.si < self.draft_steps:
@@ -137,7 +143,6 @@ class CoDe:
             state.hub.append(F.interpolate(state.drafter.f_hat, size=(side, side), mode="area"))
             if si == self.draft_steps - 1:
                 self.drafter.release_cache(state.drafter)  # freed before the refiner allocates its own
-                self.drafter.kv_tokens = None  # a plain VAR again until the next call's start
 
     def tokens(self, state: CoDeState) -> list[Tensor]:
         return state.drafter.tokens + (state.refiner.tokens if state.refiner else [])
@@ -247,9 +252,9 @@ def build_code(drafter_depth: int, refiner_depth: int, *, draft_steps: int = 8,
     common = dict(vae=vae, engine=engine, device=device, vae_ch=vae_ch, allow_download=allow_download)
     drafter = build_var(drafter_depth, weights=weights or drafter_weights, seed=seed,
                         kv_policy=drafter_kv_policy or kv_policy, name=f"drafter_d{drafter_depth}", **common)
+    common["vae"] = drafter.vae  # one VQVAE in memory for both models
     refiner = build_var(refiner_depth, weights=weights or refiner_weights, seed=seed + 1,
                         kv_policy=refiner_kv_policy or kv_policy, name=f"refiner_d{refiner_depth}", **common)
-    refiner.vae = drafter.vae  # the second copy (same file, or a random one) is dropped
     return CoDe(drafter, refiner, draft_steps, name or f"code_d{drafter_depth}_d{refiner_depth}", discard_draws)
 
 
@@ -267,9 +272,11 @@ def code_d30_d16(**kwargs) -> CoDe:
     """CoDe (arXiv:2411.17787): VAR-d30 drafts scales 0..N-1, VAR-d16 refines the rest; N = 8 (sample_CoDe.py).
 
     Weights: official var_d30 + var_d16 (training-free, paper Table 6: FID 2.10 at N = 8); `finetuned=True`
-    loads Zigeng/VAR_CoDe drafter_N/refiner_N (FID 1.98 at N = 8). Sample with CODE_SAMPLING.
+    loads Zigeng/VAR_CoDe drafter_N/refiner_N (FID 1.98 at N = 8). Its `default_sampling` is CODE_SAMPLING.
     """
-    return build_code(30, 16, **kwargs)
+    variant = build_code(30, 16, **kwargs)
+    variant.default_sampling = CODE_SAMPLING
+    return variant
 
 
 @register_variant

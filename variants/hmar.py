@@ -32,7 +32,7 @@ from varbench.harness.core.loop import Step, StepOutput
 from varbench.harness.core.registry import register_variant
 from varbench.harness.core.sampling import Draw, SampleConfig
 
-from .hmar_model import HMARConfig, HMARModulations, HMARNet, init_random_hmar_, param_count
+from .hmar_model import HMARConfig, HMARModulations, HMARNet, init_random_hmar_
 from .loading import _not_a, identify, load_vqvae, random_vqvae
 from .var import VAR, EngineConfig
 from .var_model import PATCH_NUMS
@@ -128,6 +128,7 @@ class HMAR(VAR):
     of counts per scale. `default_sampling`: the published preset of the depth (None for random models)."""
 
     default_sampling: SampleConfig | None = None
+    has_kv_cache = False  # Markov attention: each scale attends to itself only, so no cache to compress
 
     def __init__(self, net: HMARNet, vae: VQVAE, engine: EngineConfig = EngineConfig(),
                  device: str | torch.device = "cpu", name: str = "hmar",
@@ -274,8 +275,8 @@ def build_hmar(depth: int, *, weights: str | None = None, vae: str | None = None
 def _arch(cfg: HMARConfig):
     """Attaches the architecture and its parameter counter (meta device) for `varbench list`."""
     def attach(fn):
-        fn.config, fn.param_count = cfg, param_count
-        fn.has_kv_cache = False  # Markov attention: each scale attends to itself only, so no cache to compress
+        fn.config = cfg
+        fn.has_kv_cache = HMAR.has_kv_cache  # read by a study's plan before anything is built
         return fn
     return attach
 

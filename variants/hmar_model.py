@@ -28,7 +28,7 @@ from varbench.kernels.reference import allowed_mask
 
 from .var_model import PATCH_NUMS, Block, Modulation, _layer_norm, scale_index
 
-__all__ = ["HMARConfig", "HMARNet", "HMARModulations", "ATTN_IMPLS", "markov_attention", "param_count",
+__all__ = ["HMARConfig", "HMARNet", "HMARModulations", "ATTN_IMPLS", "markov_attention",
            "param_count_closed_form", "init_random_hmar_"]
 
 ATTN_IMPLS = ("auto", "triton", "ref", "sdpa")  # kernel dispatch of varbench.kernels, or SDPA with a boolean mask
@@ -232,12 +232,6 @@ class HMARNet(nn.Module):
         ranges = tuple(r.to(x.device) for r in markov_ranges(pn))
         return self.run(x, mods, "ns" if x_mask is None else "mask",
                         attend=lambda q, k, v: markov_attention(q, k, v, pn, attn_impl, ranges))
-
-
-def param_count(cfg: HMARConfig) -> int:
-    """Exact parameter count, built on the meta device."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in HMARNet(cfg).parameters())
 
 
 def param_count_closed_form(cfg: HMARConfig) -> int:

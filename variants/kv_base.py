@@ -148,10 +148,10 @@ class KVPolicy:
         layers = tuple(tuple(layer) for layer in self.groups(variant, budget, ends))
         return KVPlan(tuple(cfg.patch_nums), layers, tuple(end > budget for end in ends), self.state)
 
-    def cache(self, variant, batch2: int, previous=None) -> CompressedKVCache:
-        """The model's cache for a call of `batch2` rows: the previous one reset when it fits, else a new one."""
+    def cache(self, variant, batch2: int, previous=None, tokens: int | None = None) -> CompressedKVCache:
+        """The model's cache for a call of `batch2` rows over `tokens` positions (None: every scale): the
+        previous one reset when it fits, else a new one."""
         plan = self.plan(variant)
-        tokens = variant.kv_tokens
         if isinstance(previous, CompressedKVCache) and previous.matches(self, plan, batch2, variant.dtype,
                                                                          variant.device, tokens):
             previous.reset()
@@ -199,11 +199,12 @@ class KVPolicy:
             stats = self.calibration_stats(model)
             n = model.num_classes
             lab = labels if labels is not None else torch.arange(CALIBRATION_LABELS) * max(1, n // CALIBRATION_LABELS)
-            saved, model.kv_policy, model._static_cache = model.kv_policy, _Recorder(stats), None
+            saved = model.kv_policy
+            model.set_kv_policy(_Recorder(stats))  # a full cache that hands every forward to the statistics
             try:
                 generate(model, lab.to(model.device), sampling or SampleConfig(), g_seed=g_seed)
             finally:
-                model.kv_policy, model._static_cache = saved, None
+                model.set_kv_policy(saved)
             data = stats.result() | {"labels": [int(x) for x in lab], "g_seed": g_seed}
             out[model_key(model)] = self.calibrations[model_key(model)] = data
             self.sources[model_key(model)] = "calibrate()"

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from varbench.harness.core.kv_cache import ConcatKVCache, StaticKVCache
 from varbench.harness.core.loop import Step, StepOutput
 from varbench.harness.core.registry import register_variant
-from varbench.harness.core.sampling import Draw
+from varbench.harness.core.sampling import Draw, SampleConfig
 
 from .loading import load_var_net, load_vqvae, random_var_net, random_vqvae
-from .var_model import PATCH_NUMS, Modulation, VARConfig, VARNet
-from .vqvae import VQVAE, VQVAEConfig
+from .params import param_count  # noqa: F401  (re-exported)
+from .var_model import PATCH_NUMS, Modulation, VARConfig, VARNet, flops_per_image
+from .vqvae import VQVAE, VQVAEConfig, decode_flops
 
 __all__ = ["EngineConfig", "VAR", "VARState", "build_var", "param_count", "DTYPES"]
 
@@ -69,7 +70,11 @@ class VARState:
 
 
 class VAR:
-    """A VAR transformer + VQVAE behind the loop's hooks. Subclasses (CoDe, KV policies) override hooks."""
+    """A VAR transformer + VQVAE behind the loop's hooks, and what the evaluator reads of it (the `Variant`
+    protocol of harness/core/loop.py). HMAR subclasses it; CoDe composes two."""
+
+    has_kv_cache: bool = True  # KV policies apply (HMAR: False)
+    default_sampling: SampleConfig | None = None  # the family's published preset, where one is fixed
 
     def __init__(self, net: VARNet, vae: VQVAE, engine: EngineConfig = EngineConfig(),
                  device: str | torch.device = "cpu", name: str = "var", kv_policy=None):
@@ -94,9 +99,7 @@ class VAR:
             self.vae.post_quant_conv.to(self.dtype)
         if engine.channels_last_vae:
             self.vae.decoder.to(memory_format=torch.channels_last)
-        self._static_cache: StaticKVCache | None = None
-        # Tokens the static cache is sized for; None = every scale. CoDe's drafter runs only its drafted scales.
-        self.kv_tokens: int | None = None
+        self._static_cache: StaticKVCache | None = None  # the buffer kept between calls (`kv_buffer`)
         self._lvl_pos: Tensor | None = None
         self._step_fn = self._network_step
         if engine.compile:  # one static-shape graph per scale (and per batch size): allow that many
@@ -111,13 +114,14 @@ class VAR:
         last = len(self.patch_nums) - 1
         return [Step(si, 0, si / last) for si in range(len(self.patch_nums))]
 
-    def start(self, labels: Tensor) -> VARState:
+    def start(self, labels: Tensor, kv_tokens: int | None = None) -> VARState:
+        """`kv_tokens`: positions the cache is sized for (None: every scale; CoDe's drafter runs only its own)."""
         with self._autocast():
             cond = self.net.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes))))
             lvl_pos = self._level_pos()
             state = VARState(labels, cond, self.net.first_input(cond, lvl_pos),
                              torch.zeros(len(labels), self.cfg.z_channels, self.patch_nums[-1], self.patch_nums[-1],
-                                         device=self.device), self._cache(2 * len(labels)), lvl_pos)
+                                         device=self.device), self._cache(2 * len(labels), kv_tokens), lvl_pos)
             if self.engine.cache_conditioning:
                 state.mods, state.head_mod = self.net.modulations(cond), self.net.head_modulation(cond)
         if self.engine.cuda_graphs:
@@ -162,13 +166,13 @@ class VAR:
         """One scale through every block (KV-cached) and the head: (2B, l, C) -> (2B, l, V) fp32 logits."""
         return self.net.logits(self.net.run_blocks(x, mods, cache), head)
 
-    def _cache(self, batch2: int) -> StaticKVCache | ConcatKVCache:
+    def _cache(self, batch2: int, kv_tokens: int | None = None) -> StaticKVCache | ConcatKVCache:
         if getattr(self.kv_policy, "compresses", False):  # budget-sized buffers, compacted in place per scale
-            self._static_cache = self.kv_policy.cache(self, batch2, self._static_cache)
+            self._static_cache = self.kv_policy.cache(self, batch2, self._static_cache, kv_tokens)
             return self._static_cache
         if not self.engine.static_kv_cache:
             return ConcatKVCache(self.cfg.depth)
-        capacity = self.kv_tokens or self.cfg.seq_len
+        capacity = kv_tokens or self.cfg.seq_len
         c = self._static_cache
         if not isinstance(c, StaticKVCache) or c.k.shape[1] != batch2 or c.capacity != capacity:
             self._static_cache = c = None  # free the old buffer before allocating the new one
@@ -177,6 +181,53 @@ class VAR:
             self._static_cache, self._graphs = c, None
         c.reset()
         return c
+
+    # -- what the evaluator reads (the Variant protocol) ---------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self.cfg.depth
+
+    @property
+    def models(self) -> dict[str, VAR]:
+        """The networks this variant runs, by role (one here; CoDe: drafter and refiner)."""
+        return {self.name: self}
+
+    def stages(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(model name, scale indices it samples), in run order."""
+        return [(self.name, tuple(range(len(self.patch_nums))))]
+
+    def param_count(self) -> int:
+        """Parameters of the transformer(s) (the VQVAE is shared by every variant of a family)."""
+        return sum(p.numel() for p in self.net.parameters())
+
+    def param_bytes(self) -> int:
+        """Bytes of the transformer's weights as held (linears in the compute precision, the rest fp32)."""
+        return sum(p.numel() * p.element_size() for p in self.net.parameters())
+
+    def flops_per_image(self) -> float:
+        """Model FLOPs of the network per generated image, VAE decode excluded."""
+        return flops_per_image(self.cfg)
+
+    def vae_decode_flops(self) -> float:
+        side = self.patch_nums[-1]
+        return decode_flops(self.vae.cfg, (1, self.vae.cfg.z_channels, side, side))
+
+    def kv_report(self, state) -> dict[str, list[int]]:
+        """Bytes the cache holds for later scales after each scale, and each scale's own keys and values."""
+        return {"kv_bytes_per_scale": list(getattr(state, "kv_bytes", [])),
+                "kv_bytes_current_per_scale": list(getattr(state, "kv_bytes_current", []))}
+
+    @property
+    def kv_buffer(self) -> StaticKVCache | None:
+        """The preallocated cache kept for the next call of the same shape (None before the first)."""
+        return self._static_cache
+
+    def set_kv_policy(self, policy) -> None:
+        """Runs later calls with another KV policy (a calibration pass records with its own); the buffer kept
+        for the old one is dropped."""
+        if getattr(policy, "compresses", False) and self.engine.cuda_graphs:
+            raise ValueError(f"KV policy {policy.name!r} evicts per scale; it cannot run with cuda_graphs")
+        self.kv_policy, self._static_cache, self._graphs = policy, None, None
 
     def release_cache(self, state: VARState) -> None:
         """Frees the KV cache of `state` and the buffer kept for the next call, as the official code's
@@ -259,7 +310,7 @@ class _ScaleGraphs:
         return self.outputs[si]
 
 
-def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
+def build_var(depth: int, *, weights: str | None = None, vae: str | VQVAE | None = None,
               engine: EngineConfig = EngineConfig(), device: str = "cpu", seed: int = 0,
               patch_nums: Sequence[int] | None = None, shared_aln: bool = False, vae_ch: int = 160,
               allow_download: bool | None = None, name: str | None = None, kv_policy=None,
@@ -269,7 +320,8 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
     Args:
         weights: checkpoint source (path, hf:OWNER/REPO/FILE); None = the official file for this depth;
             "random" = random weights (speed benchmarks, tests).
-        vae: VQVAE source; None = the official vae_ch160v4096z32 (random with random weights).
+        vae: VQVAE source, or a built VQVAE to share (CoDe's two models); None = the official
+            vae_ch160v4096z32 (random with random weights).
         patch_nums: scale schedule (default: the 256 px one, or read from the checkpoint).
         shared_aln, vae_ch: architecture of random models; `config` gives a random model's whole architecture.
         kv_policy: a KV-cache policy object from `KV_POLICIES` (None or `full` keeps every entry).
@@ -279,7 +331,9 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | None = None,
         net = random_var_net(cfg, seed)
     else:
         net = load_var_net(weights or f"var_d{depth}", depth, patch_nums, allow_download)
-    if vae == "random" or (vae is None and weights == "random"):
+    if isinstance(vae, VQVAE):
+        vae_model = vae
+    elif vae == "random" or (vae is None and weights == "random"):
         vae_model = random_vqvae(VQVAEConfig(ch=vae_ch), seed)
     else:
         vae_model = load_vqvae(vae or "vae", allow_download)
@@ -300,10 +354,12 @@ def _arch(cfg: VARConfig):
     return attach
 
 
-def param_count(cfg: VARConfig) -> int:
-    """Exact parameter count of a VAR architecture, built on the meta device (no memory, any size)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in VARNet(cfg).parameters())
+@register_variant
+@_arch(VARConfig(depth=16))
+def var(depth: int = 16, **kwargs) -> VAR:
+    """VAR of any depth on the 256 px schedule (width 64·depth, heads = depth); `varbench bench --depth D`.
+    Official weights exist for depths 16, 20, 24 and 30 (listed with depth 16's parameter count)."""
+    return build_var(depth, **kwargs)
 
 
 @register_variant

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VQVAE", "VQVAEConfig", "phi_index"]
+__all__ = ["VQVAE", "VQVAEConfig", "phi_index", "decode_flops"]
 
 
 @dataclass(frozen=True)
@@ -278,3 +278,16 @@ class VQVAE(nn.Module):
             f_rest = f_rest - h
             tokens.append(idx)
         return tokens
+
+
+def decode_flops(cfg: VQVAEConfig, latent_shape: tuple[int, ...]) -> float:
+    """FLOPs of decoding one latent of `latent_shape` (its first dimension is ignored), counted by
+    FlopCounterMode on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        shadow = VQVAE(cfg)
+        latent = torch.zeros(1, *latent_shape[1:])
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        shadow.decode(latent)
+    return float(counter.get_total_flops())

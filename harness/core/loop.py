@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .sampling import Draw, SampleConfig, draw_tokens, guide
 
-__all__ = ["Step", "StepOutput", "ScaleVariant", "Generation", "generate", "resolve_labels"]
+__all__ = ["Step", "StepOutput", "ScaleVariant", "Variant", "Generation", "generate", "resolve_labels"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,29 @@ class ScaleVariant(Protocol):
     def commit(self, state: object, step: Step, draw: Draw) -> None: ...
     def tokens(self, state: object) -> list[Tensor]: ...
     def decode(self, state: object) -> Tensor: ...
+
+
+@runtime_checkable
+class Variant(ScaleVariant, Protocol):
+    """What the evaluator (bench, study, reports) reads of a variant besides the loop's hooks; nothing else of a
+    variant is read from outside it. VAR implements it (variants/var.py), HMAR inherits it, CoDe composes it."""
+
+    name: str
+    weights: str  # what weights it runs: a file, a zoo entry with its sha256, or "random (seed N)"
+    engine: object  # its EngineConfig
+    dtype: torch.dtype  # compute precision
+    num_classes: int
+    depth: int
+    has_kv_cache: bool  # whether KV policies apply
+    default_sampling: SampleConfig | None  # the family's published sampling preset, if one is fixed
+    models: dict  # the networks it runs, by role (one; CoDe: drafter and refiner)
+
+    def stages(self) -> list[tuple[str, tuple[int, ...]]]: ...  # (model, scales it samples), in run order
+    def param_count(self) -> int: ...
+    def param_bytes(self) -> int: ...  # as held in memory
+    def flops_per_image(self) -> float: ...  # the network's, VAE decode excluded
+    def vae_decode_flops(self) -> float: ...
+    def kv_report(self, state: object) -> dict[str, list[int]]: ...  # kv_bytes(_current)_per_scale
 
 
 class Generation(NamedTuple):

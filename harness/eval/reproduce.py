@@ -13,65 +13,23 @@ import difflib
 import os
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 from tabulate import tabulate
 
+from .columns import COLUMNS as METRICS
+from .columns import Column as Metric
+
 __all__ = ["TAGS", "METRICS", "Metric", "published_dir", "list_tables", "load_table", "reproduce",
            "tables_overview"]
 
 TAGS = ("code", "paper", "README", "note", "memory")
 _KINDS = ("speed", "quality", "consistency")
-_MIB, _GIB = 2.0**20, 2.0**30
 Records = dict[str, dict[str, Any]]  # record kind -> the record matched to a row
 
-
-@dataclass(frozen=True)
-class Metric:
-    """A published column and where our value is: `ours` = "record_kind.metrics_key" (times `scale`); throughput and
-    seconds_per_image use images_per_s (w/o VAE if the table's speed excludes it); `relative` is against our
-    baseline row ("time": t / t_base, "speedup": t_base / t, "saving": 100 (1 - m / m_base))."""
-
-    label: str
-    unit: str = ""
-    fmt: str = ".2f"
-    ratio: bool = False  # also shown divided by the baseline row's value
-    ours: str | None = None
-    scale: float = 1.0
-    relative: Literal["time", "speedup", "saving"] | None = None
-
-
-METRICS: dict[str, Metric] = {
-    "steps": Metric("steps", fmt=""), "params": Metric("#params", fmt=""),
-    "speedup": Metric("speedup", "x", ".1f", ours="speed.seconds_per_image", relative="speedup"),
-    "rel_cost": Metric("rel. cost", "", ".1f", ours="speed.seconds_per_image", relative="time"),
-    "latency_s": Metric("latency", "s", ".2f", True, "speed.latency_ms_p50", 1e-3),
-    "images_per_s": Metric("throughput", "img/s", ".2f", True, "speed.throughput"),
-    "memory_mb": Metric("memory", "MB", ".0f", True, "speed.peak_memory_bytes", 1 / _MIB),
-    "memory_gb": Metric("memory", "GB", ".1f", True, "speed.peak_memory_bytes", 1 / _GIB),
-    "kv_cache_mb": Metric("KV cache", "MB", ".0f", True, "speed.kv_bytes", 1 / _MIB),
-    "kv_cache_gb": Metric("KV cache", "GB", ".1f", True, "speed.kv_bytes", 1 / _GIB),
-    "running_gb": Metric("running", "GB", ".1f", True), "params_gb": Metric("params", "GB", ".1f", True),
-    "memory_reduction_pct": Metric("memory saved", "%", ".1f", ours="speed.peak_memory_bytes", relative="saving"),
-    "budget_pct": Metric("KV budget", "%", ".0f"), "kv_compression_pct": Metric("KV compression", "%", ".0f"),
-    "fid": Metric("FID", ours="quality.fid"),
-    "isc": Metric("IS", fmt=".1f", ours="quality.isc_mean"),
-    "precision": Metric("precision", ours="quality.precision"), "recall": Metric("recall", ours="quality.recall"),
-    "fid_vs_full": Metric("FID vs full"),
-    "lpips_vs_full": Metric("LPIPS vs full", ours="consistency.lpips"),
-    "psnr_vs_full": Metric("PSNR vs full", "dB", ours="consistency.psnr_db"),
-    "ssim_vs_full": Metric("SSIM vs full", fmt=".3f", ours="consistency.ssim"),
-    **{key: Metric(label) for key, label in (
-        ("geneval_two_obj", "GenEval two obj."), ("geneval_position", "GenEval position"),
-        ("geneval_color_attr", "GenEval color attr."), ("dpg_global", "DPG global"),
-        ("dpg_relation", "DPG relation"), ("dpg_overall", "DPG overall"))},
-    "geneval_overall": Metric("GenEval overall", fmt=".3f"),
-    "exponent": Metric("exponent alpha", fmt="#.2g"), "prefactor": Metric("prefactor beta", fmt="#.2g"),
-    "pearson_r": Metric("Pearson r", fmt=".3f"),
-}
 _MEASURE_KEYS = {"variant", "kv_policy", "variant_args", "kv_args", "sweep", "quality_study"}
 
 

@@ -12,32 +12,18 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from varbench.harness.core.loop import generate
+from varbench.harness.core.loop import Variant, generate
 from varbench.harness.core.measure import MemoryMeter, RegionTimer, p50_iqr, peak_flops
 from varbench.harness.core.sampling import SampleConfig
+from varbench.variants.vqvae import decode_flops as vae_decode_flops  # noqa: F401  (re-exported)
 
 __all__ = ["bench_variant", "vae_decode_flops"]
 
 
-def vae_decode_flops(cfg, latent_shape: tuple[int, ...]) -> float:
-    """FLOPs of decoding one latent of a VQVAE config, counted by FlopCounterMode on the meta device."""
-    from varbench.variants.vqvae import VQVAE
-
-    with torch.device("meta"):
-        shadow = VQVAE(cfg)
-        latent = torch.zeros(1, *latent_shape[1:])
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        shadow.decode(latent)
-    return float(counter.get_total_flops())
-
-
-def bench_variant(variant, batch: int, sampling: SampleConfig = SampleConfig(), warmup: int = 1,
+def bench_variant(variant: Variant, batch: int, sampling: SampleConfig = SampleConfig(), warmup: int = 1,
                   repeats: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Measures `variant` (a VAR-family variant) generating `batch` images; returns one flat dict."""
-    from varbench.variants.var_model import flops_per_image
-
+    """Measures `variant` generating `batch` images; returns one flat dict. Reads only the `Variant` protocol."""
     device = variant.device
     labels = torch.arange(batch, device=device) % variant.num_classes
     t0 = time.perf_counter()
@@ -63,19 +49,18 @@ def bench_variant(variant, batch: int, sampling: SampleConfig = SampleConfig(), 
     total_ms, total_iqr = p50_iqr(totals)
     decode_ms, _ = p50_iqr(decodes)
     no_vae_ms, _ = p50_iqr([t - d for t, d in zip(totals, decodes)])
-    own_flops = getattr(variant, "flops_per_image", None)  # several models: the variant counts its own
-    net_flops = own_flops() if own_flops else flops_per_image(variant.cfg)
-    vae_flops = vae_decode_flops(variant.vae.cfg, tuple(gen.state.f_hat.shape))
+    net_flops, vae_flops = variant.flops_per_image(), variant.vae_decode_flops()
     images_per_s = batch / (total_ms / 1e3)
     peak_rate, peak_source = peak_flops(device, variant.dtype)
-    kv = list(getattr(gen.state, "kv_bytes", []))
+    report = variant.kv_report(gen.state)
+    kv = report["kv_bytes_per_scale"]
     # Each forward's own keys and values, apart from what is kept for later scales: a compressing policy
     # shrinks `kv_bytes` but every scale still attends over its whole map (and CoDe's prefill over scales 0..N).
-    kv_current = list(getattr(gen.state, "kv_bytes_current", []))
+    kv_current = report["kv_bytes_current_per_scale"]
     return {
         "variant": variant.name,
-        "depth": variant.cfg.depth,
-        "params": sum(p.numel() for p in variant.net.parameters()),
+        "depth": variant.depth,
+        "params": variant.param_count(),
         "batch_size": batch,
         "precision": variant.engine.precision,
         "device": str(device),
@@ -110,14 +95,13 @@ def _per_model(variant, per_scale: list[list[float]], kv_per_scale: list[int],
     """`latency_ms_per_model` (median over repeats of the summed scale regions each model ran, its
     prefill included) and `memory_bytes_per_model` ({model: {"param_bytes", "kv_bytes", "kv_bytes_current"}},
     kv_bytes the most its cache held after any of its scales, kv_bytes_current the largest forward's own keys
-    and values) for a variant with `stages()` and `models`; {} for one model."""
-    if not hasattr(variant, "stages"):
+    and values) for a variant of several models; {} for one model."""
+    if len(variant.models) < 2:
         return {}
     latency, memory = {}, {}
     for name, scales in variant.stages():
         latency[name] = p50_iqr([sum(row[si] for si in scales) for row in per_scale])[0]
-        params = variant.models[name].net.parameters()
-        memory[name] = {"param_bytes": sum(p.numel() * p.element_size() for p in params),
+        memory[name] = {"param_bytes": variant.models[name].param_bytes(),
                         "kv_bytes": _most(kv_per_scale, scales), "kv_bytes_current": _most(current_per_scale, scales)}
     return {"latency_ms_per_model": latency, "memory_bytes_per_model": memory}
 

@@ -146,7 +146,7 @@ class _Run:
 
     def __init__(self, study: StudyConfig, out: Path, rank: int, world: int, device: str):
         self.study, self.out, self.rank, self.world, self.device = study, out, rank, world, device
-        self.run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid():x}"
+        self.run_id = new_run_id()
         self.env = capture_env(device)
         self.records_path = out / "records.jsonl"
         self.count = 0
@@ -159,15 +159,27 @@ class _Run:
     def record(self, kind: str, cell: Cell, chash: str, metrics: dict[str, Any], started: float,
                **extra: Any) -> dict[str, Any]:
         self.count += 1
-        rec = {"schema": SCHEMA, "id": f"{self.run_id}/{self.count}", "kind": kind, "study": self.study.study,
-               "cell": cell.describe(), "label": cell.label, "config_hash": chash,
-               "precision": _precision(cell.config, self.device), "seed": cell.config.seed,
-               "sample": to_dict(cell.config.sample), "engine": to_dict(cell.config.engine),
-               "device": self.device, "metrics": metrics, **extra, "env": self.env,
-               "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
-               "duration_s": round(time.time() - started, 3)}
+        rec = make_record(f"{self.run_id}/{self.count}", kind, self.study.study, cell.describe(), cell.label, chash,
+                          _precision(cell.config, self.device), cell.config.seed, to_dict(cell.config.sample),
+                          to_dict(cell.config.engine), self.device, metrics, self.env, started, **extra)
         append_record(self.records_path, rec)
         return rec
+
+
+def new_run_id() -> str:
+    """A run's id: UTC time and process id; records are `<run id>/<count>`."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid():x}"
+
+
+def make_record(rec_id: str, kind: str, study: str, cell: dict[str, Any], label: str, chash: str, precision: str,
+                seed: int, sample: dict[str, Any], engine: dict[str, Any], device: str, metrics: dict[str, Any],
+                env: dict[str, Any], started: float, **extra: Any) -> dict[str, Any]:
+    """One record in the study schema (also written by `varbench bench`); `started` is a time.time()."""
+    return {"schema": SCHEMA, "id": rec_id, "kind": kind, "study": study, "cell": cell, "label": label,
+            "config_hash": chash, "precision": precision, "seed": seed, "sample": sample, "engine": engine,
+            "device": device, "metrics": metrics, **extra, "env": env,
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - started, 3)}
 
 
 def _speed_hash(cell: Cell, batch: int, device: str) -> str:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from varbench.variants.hmar_model import HMARNet
 from varbench.variants.var_model import VARNet
+from varbench.variants.params import param_count  # noqa: F401  (re-exported)
 from varbench.variants.vqvae import VQVAE
 from varbench.variants.presets import (IMAGENET256, TINY, ZOO, ZOO_CODE_DRAFT_STEPS, ZOO_IMAGE_SIZE,  # noqa: F401
                                      ZOO_NUM_CLASSES, ZOO_PATCH_NUMS, ZOO_VAR_DEPTHS, ModelSizes, hmar_config,
@@ -40,10 +41,6 @@ __all__ = ["init_var_", "init_vqvae_", "init_hmar_", "images_to_tensor", "quanti
            "classifier_step", "drop_labels", "param_count", "lognormal_scale_weights", "token_weights",
            "draw_mask_positions", "hmar_ns_step", "hmar_mask_step", "hmar_trainable_", "start_masked_path_",
            "hmar_state_from_var"]  # and, re-exported, the presets and the zoo plan
-
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
 
 # -- initialisation ---------------------------------------------------------------------------------------
 

@@ -332,7 +332,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
 # -- command line -----------------------------------------------------------------------------------------
 
 def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
-    ap = argparse.ArgumentParser(prog="python -m varbench.harness.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="varbench train", description=__doc__.split("\n\n")[0])
     ap.add_argument("kind", choices=KINDS)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, required=True)

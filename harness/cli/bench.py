@@ -1,0 +1,130 @@
+"""`varbench bench`: speed, memory, KV bytes and MFU of one variant as one JSON object, and a record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _sampling(args: argparse.Namespace):
+    from varbench.harness.core.sampling import SampleConfig
+
+    return SampleConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import time
+
+    import torch
+
+    from varbench.harness.core.registry import create_variant
+    from varbench.harness.run.bench import bench_variant
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from varbench.variants.var import EngineConfig
+
+    name = args.variant or ("var" if args.depth else "test_var")  # `var`: any depth, 256 px layout
+    policy = None  # --kv-policy NAME --kv-args JSON; neither: the variant's own cache
+    if args.kv_policy is not None or args.kv_args is not None:
+        import varbench.variants  # noqa: F401  (registers the KV policies)
+
+        from varbench.harness.core.registry import KV_POLICIES
+
+        try:
+            kv_args = json.loads(args.kv_args or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--kv-args is not JSON ({err}); e.g. --kv-args '{{\"budget\": 0.1}}'") from None
+        if not isinstance(kv_args, dict):
+            raise ValueError(f"--kv-args must be a JSON object such as '{{\"budget\": 0.1}}', got {args.kv_args}")
+        policy = KV_POLICIES.get(args.kv_policy or "full")(**kv_args)
+
+    def build(engine: EngineConfig):
+        kwargs = {"engine": engine, "device": args.device, "weights": args.weights}
+        if args.weights == "random" and args.vae_ch:
+            kwargs["vae_ch"] = args.vae_ch
+        if policy is not None:
+            kwargs["kv_policy"] = policy
+        if args.depth and not args.variant:
+            kwargs["depth"] = args.depth
+        return create_variant(name, **kwargs)
+
+    if args.reference:
+        engine = EngineConfig.reference(args.precision)
+    else:
+        engine = EngineConfig(args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    out = Path(args.out or Path("runs") / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    t0 = time.time()
+    variant = build(engine)
+    result = bench_variant(variant, args.batch, _sampling(args), args.warmup, args.repeats)
+    if policy is not None:  # name, arguments as given and resolved, unverified settings, calibration source
+        result |= policy.record() | {"kv_args_given": kv_args}
+    measured = [(variant, result, t0, "")]
+    if args.vs_reference:
+        t1 = time.time()
+        ref_variant = build(EngineConfig.reference(args.precision))
+        ref = bench_variant(ref_variant, args.batch, _sampling(args), args.warmup, args.repeats)
+        result["reference"] = {k: ref[k] for k in ("images_per_s", "latency_ms_p50", "latency_ms_iqr",
+                                                   "latency_ms_per_scale", "vae_decode_ms", "peak_memory_bytes")}
+        result["speedup_vs_reference"] = result["images_per_s"] / ref["images_per_s"]
+        measured.append((ref_variant, ref, t1, " reference"))
+    path = _bench_records(args, out, name, kv_args if policy is not None else {}, measured)
+    print(json.dumps(result, indent=2))
+    print(f"record: {path} (print it: varbench table {out})", file=sys.stderr)
+    return 0
+
+
+def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict, measured: list) -> Path:
+    """Appends one speed record per measurement to OUT/records.jsonl, in a study's speed-record schema (study
+    "bench"; the reference loop's record has " reference" after its label); returns the records' path."""
+    from varbench.harness.core.records import append_record, capture_env, config_hash
+    from varbench.harness.run.config import to_dict
+    from varbench.harness.run.study import make_record, new_run_id
+
+    variant_args = {"weights": args.weights}
+    if args.depth and not args.variant:
+        variant_args["depth"] = args.depth
+    if args.weights == "random" and args.vae_ch:
+        variant_args["vae_ch"] = args.vae_ch
+    cell = {"variant": name, "kv_policy": args.kv_policy or "full", "variant_args": variant_args,
+            "kv_args": kv_args, "sweep": {}}
+    sample, env, run_id, path = to_dict(_sampling(args)), capture_env(args.device), new_run_id(), out / "records.jsonl"
+    for i, (variant, metrics, started, suffix) in enumerate(measured, 1):
+        engine = to_dict(variant.engine)
+        chash = config_hash({"kind": "speed", "study": "bench", "cell": cell, "batch": args.batch,
+                             "device": args.device, "engine": engine, "precision": args.precision,
+                             "sample": sample, "speed": {"warmup": args.warmup, "repeats": args.repeats},
+                             "threads": args.threads})
+        append_record(path, make_record(f"{run_id}/{i}", "speed", "bench", cell, f"{name} {cell['kv_policy']}{suffix}",
+                                        chash, args.precision, 0, sample, engine, args.device, metrics, env,
+                                        started, batch_size=args.batch, weights=variant.weights))
+    return path
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure speed and memory of one variant")
+    p.add_argument("--variant", help="registered name (default: test_var, or var with --depth)")
+    p.add_argument("--depth", type=int, help="the registered `var` at this depth (variant argument depth)")
+    p.add_argument("--weights", default="random", help="'random' (default) or a checkpoint source")
+    p.add_argument("--vae-ch", type=int, default=None, help="VQVAE width of random models (default 160)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the per-scale step")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the per-scale step as CUDA graphs")
+    p.add_argument("--reference", action="store_true", help="measure the reference loop (engine off)")
+    p.add_argument("--vs-reference", action="store_true", help="also measure the reference; report speedup")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--top-k", type=int, default=900)
+    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--kv-policy", help="KV-cache policy: full, streaming, h2o, snapkv, pyramidkv, scalekv, hack")
+    p.add_argument("--kv-args", help='JSON object of the policy\'s arguments, e.g. \'{"budget": 0.1}\'')
+    p.add_argument("--out", help="folder for the speed record(s), printable by `varbench table` "
+                   "(default: runs/bench-<time>)")
+    p.set_defaults(fn=_cmd_bench)

@@ -1,0 +1,25 @@
+"""The one parameter counter: of a module, or exactly of an architecture built on the meta device (no
+memory, any size), which is what `varbench list` shows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hmar_model import HMARConfig, HMARNet
+from .var_model import VARConfig, VARNet
+
+__all__ = ["param_count"]
+
+_NETS: dict[type, type[nn.Module]] = {VARConfig: VARNet, HMARConfig: HMARNet}
+
+
+def param_count(model: nn.Module | VARConfig | HMARConfig) -> int:
+    """Parameters of a module, or of the network a config describes (built on the meta device)."""
+    if isinstance(model, nn.Module):
+        return sum(p.numel() for p in model.parameters())
+    if type(model) not in _NETS:
+        raise TypeError(f"cannot count the parameters of a {type(model).__name__}; give a module or one of "
+                        f"{', '.join(t.__name__ for t in _NETS)}")
+    with torch.device("meta"):
+        return param_count(_NETS[type(model)](model))
