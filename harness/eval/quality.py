@@ -35,6 +35,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from varbench.harness.core.hashing import text_sha256
+
 from .extractors import (INCEPTION, PROJECT_CNN, PROJECT_CNN_VERSION, check_images, describe_extractor,
                          extract_features, feature_layers, file_sha256, resolve_weights, weights_sha256)
 
@@ -68,7 +70,7 @@ class Reference:
 
 
 def _hash(*parts: str) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return text_sha256("\n".join(parts))
 
 
 def _extractor_identity(extractor: str, weights: str | None) -> str:
