@@ -31,7 +31,7 @@ def test_wrong_depth_names_both_depths(d2_file):
 def test_truncated_file_is_named(d2_file, tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(d2_file.read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match=r"broken.pth is not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"broken.pth is a damaged PyTorch checkpoint \(truncated"):
         load_var_net(broken)
 
 
@@ -96,3 +96,24 @@ def test_hub_file_is_served_from_the_local_cache(d2_file, tmp_path, monkeypatch)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     net = load_var_net("hf:someone/tiny-var/var_d2.pth", expect_depth=2, allow_download=False)
     assert net.cfg.depth == 2
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda path: path.write_bytes(bytes(range(256)) * 8), r"random.pth is not a PyTorch checkpoint \(neither"),
+    (lambda path: torch.save({"w": torch.zeros(2), "x": _RunsCode()}, path),
+     r"code.pth holds Python objects besides tensors .*GLOBAL .*print.*could run code"),
+], ids=["random", "code"])
+def test_unloadable_file_says_what_it_is_and_never_suggests_unsafe_loading(tmp_path, content, message):
+    name = "random" if "random" in message else "code"
+    path = tmp_path / f"{name}.pth"
+    content(path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_var_net(path)
+    assert "weights_only" not in str(info.value) and "truncated" not in str(info.value)

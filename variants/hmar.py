@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from varbench.harness.core.checkpoints import CheckpointError, load_strict, read_state_dict, resolve_source
 from varbench.harness.core.loop import Step, StepOutput
-from varbench.harness.core.registry import register_variant
 from varbench.harness.core.sampling import Draw, SampleConfig
 
+from .factory import register_model
 from .hmar_model import HMARConfig, HMARModulations, HMARNet, init_random_hmar_
-from .loading import _not_a, identify, load_vqvae, random_vqvae
+from .loading import Layout, load_checkpoint, load_vqvae, random_vqvae
 from .var import VAR, EngineConfig
 from .var_model import PATCH_NUMS
 from .vqvae import VQVAE, VQVAEConfig
@@ -174,14 +173,14 @@ class HMAR(VAR):
         if sub == 0:
             state.idx = draw.tokens.clone()
             if len(s) > 1:
-                order = _confidence(draw.logits, state.idx).argsort(dim=1, stable=True)
+                order = _confidence(draw.logits, state.idx).argsort(dim=1)  # the official call: unstable, ties as torch orders them
                 state.masked = order[:, : sum(s[1:])]
         else:
             rows = torch.arange(len(state.idx), device=state.idx.device).unsqueeze(1)
             state.idx[rows, state.masked] = draw.tokens[rows, state.masked]
             if sub < len(s) - 1:  # confidences of the redrawn tokens, read in the updated map
                 conf = _confidence(draw.logits, state.idx).gather(1, state.masked)
-                state.masked = state.masked.gather(1, conf.argsort(dim=1, stable=True)[:, : sum(s[sub + 1:])])
+                state.masked = state.masked.gather(1, conf.argsort(dim=1)[:, : sum(s[sub + 1:])])
         if sub == len(s) - 1:
             self._finish_scale(state, si)
 
@@ -213,28 +212,15 @@ def hmar_flops_per_image(cfg: HMARConfig, schedule: Sequence[Sequence[int]]) -> 
     return total
 
 
+HMAR_LAYOUT = Layout("hmar", "HMAR", HMARConfig.from_state_dict, HMARNet,
+                     lambda c: (f"depth-{c.depth} HMAR (width {c.width}, {c.n_base} base + {c.n_layers_train} ns + "
+                                f"{c.n_layers_train} mask blocks)"), "hmar_d{depth}")
+
+
 def load_hmar_net(source: str | os.PathLike, expect_depth: int | None = None,
                   patch_nums: Sequence[int] | None = None, allow_download: bool | None = None) -> HMARNet:
     """An HMARNet (fp32, CPU) from an official-layout checkpoint, loaded strictly; checks the depth if asked."""
-    path = resolve_source(source, allow_download)
-    sd = read_state_dict(path)
-    if identify(sd) != "hmar" and not any(k.startswith(("ns_blocks.", "mask_blocks.")) for k in sd):
-        raise _not_a("HMAR", sd, str(path))
-    try:
-        cfg = HMARConfig.from_state_dict(sd, patch_nums)
-    except KeyError as err:
-        raise CheckpointError(f"{path} is missing {err} needed to read the HMAR architecture") from None
-    except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from None
-    if expect_depth is not None and cfg.depth != expect_depth:
-        raise CheckpointError(
-            f"{path} holds a depth-{cfg.depth} HMAR (width {cfg.width}, {cfg.n_base} base + {cfg.n_layers_train} "
-            f"ns + {cfg.n_layers_train} mask blocks), but a depth-{expect_depth} model was asked for; use "
-            f"hmar_d{cfg.depth} or pass the depth-{expect_depth} checkpoint")
-    with torch.device("meta"):
-        net = HMARNet(cfg)
-    load_strict(net, sd, str(path), f"HMAR-d{cfg.depth}")
-    return net.float().eval()
+    return load_checkpoint(source, HMAR_LAYOUT, expect_depth, allow_download, patch_nums=patch_nums)
 
 
 def build_hmar(depth: int, *, weights: str | None = None, vae: str | None = None,
@@ -281,54 +267,23 @@ def _arch(cfg: HMARConfig):
     return attach
 
 
-@register_variant
-@_arch(HMARConfig(depth=16))
-def hmar_d16(**kwargs) -> HMAR:
-    """HMAR-d16 (Kumbong et al. 2025, arXiv:2506.04421), 465M, ImageNet 256 px, paper FID 3.01 in 14 passes.
-
-    Weights nvidia/HMAR hmar-d16.pth (467,691,904 parameters). Defaults: official mask schedule; sample with
-    HMAR_SAMPLING[16] = cfg 1.7, top-k 1000, top-p 0.99 (config/evaluate/hmar-d16.yaml)."""
-    return build_hmar(16, **kwargs)
-
-
-@register_variant
-@_arch(HMARConfig(depth=20))
-def hmar_d20(**kwargs) -> HMAR:
-    """HMAR-d20 (Kumbong et al. 2025, arXiv:2506.04421), 846M, ImageNet 256 px, 14 passes (paper FID not recovered).
-
-    Weights nvidia/HMAR hmar-d20.pth (845,517,872 parameters). Defaults: official mask schedule; sample with
-    HMAR_SAMPLING[20] = cfg 1.9, top-k 950, top-p 0.99 (config/evaluate/hmar-d20.yaml)."""
-    return build_hmar(20, **kwargs)
-
-
-@register_variant
-@_arch(HMARConfig(depth=24))
-def hmar_d24(**kwargs) -> HMAR:
-    """HMAR-d24 (Kumbong et al. 2025, arXiv:2506.04421), 1.3B, ImageNet 256 px, paper FID 2.10 in 14 passes.
-
-    Weights nvidia/HMAR hmar-d24.pth (1,384,328,960 parameters). Defaults: official mask schedule; sample with
-    HMAR_SAMPLING[24] = cfg 2.1, top-k 900, top-p 0.99 (config/evaluate/hmar-d24.yaml)."""
-    return build_hmar(24, **kwargs)
-
-
-@register_variant
-@_arch(HMARConfig(depth=30))
-def hmar_d30(**kwargs) -> HMAR:
-    """HMAR-d30 (Kumbong et al. 2025, arXiv:2506.04421), 2.4B, ImageNet 256 px, paper FID 1.95 in 14 passes.
-
-    Weights nvidia/HMAR hmar-d30.pth (2,556,324,212 parameters). Defaults: official mask schedule; sample with
-    HMAR_SAMPLING[30] = cfg 1.6, top-k 650, top-p 0.99 (config/evaluate/hmar-d30.yaml; the sample yaml says
-    1.7/1000/0.99)."""
-    return build_hmar(30, **kwargs)
-
-
-@register_variant
-@_arch(HMARConfig(depth=2, n_layers_train=1))
-def test_hmar(**kwargs) -> HMAR:
-    """Tiny random HMAR (arXiv:2506.04421 layout; depth 2 = 1 base + 1 ns + 1 mask block, width 128, VQVAE ch 32).
-
-    For tests and CPU smoke runs, < 1 s per batch; official mask schedule, no sampling preset."""
-    kwargs.setdefault("weights", "random")
-    kwargs.setdefault("n_layers_train", 1)
-    kwargs.setdefault("vae_ch", 32)
-    return build_hmar(2, **kwargs)
+# The released models (nvidia/HMAR, arXiv:2506.04421): depth -> (size, paper FID, parameters, preset source).
+OFFICIAL_HMAR = {
+    16: ("465M", "paper FID 3.01 in 14 passes", "467,691,904", "config/evaluate/hmar-d16.yaml"),
+    20: ("846M", "14 passes (paper FID not recovered)", "845,517,872", "config/evaluate/hmar-d20.yaml"),
+    24: ("1.3B", "paper FID 2.10 in 14 passes", "1,384,328,960", "config/evaluate/hmar-d24.yaml"),
+    30: ("2.4B", "paper FID 1.95 in 14 passes", "2,556,324,212",
+         "config/evaluate/hmar-d30.yaml; the sample yaml says 1.7/1000/0.99"),
+}
+for _depth, (_size, _fid, _params, _source) in OFFICIAL_HMAR.items():
+    _s = HMAR_SAMPLING[_depth]
+    register_model(f"hmar_d{_depth}", build_hmar, HMARConfig(depth=_depth),
+                   f"HMAR-d{_depth} (Kumbong et al. 2025, arXiv:2506.04421), {_size}, ImageNet 256 px, {_fid}.\n\n"
+                   f"    Weights nvidia/HMAR hmar-d{_depth}.pth ({_params} parameters). Defaults: official mask "
+                   f"schedule; sample with HMAR_SAMPLING[{_depth}] = cfg {_s.cfg}, top-k {_s.top_k}, top-p "
+                   f"{_s.top_p} ({_source}).", has_kv_cache=HMAR.has_kv_cache, fixed={"depth": _depth})
+register_model("test_hmar", build_hmar, HMARConfig(depth=2, n_layers_train=1),
+               "Tiny random HMAR (arXiv:2506.04421 layout; depth 2 = 1 base + 1 ns + 1 mask block, width 128, "
+               "VQVAE ch 32).\n\n    For tests and CPU smoke runs, < 1 s per batch; official mask schedule, no "
+               "sampling preset.", has_kv_cache=HMAR.has_kv_cache, fixed={"depth": 2},
+               defaults={"weights": "random", "n_layers_train": 1, "vae_ch": 32})

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from varbench.kernels import block_sparse_attention, markov_ranges
 from varbench.kernels.reference import allowed_mask
 
-from .var_model import PATCH_NUMS, Block, Modulation, _layer_norm, scale_index
+from .var_model import PATCH_NUMS, Block, Modulation, _layer_norm, add_positions
 
 __all__ = ["HMARConfig", "HMARNet", "HMARModulations", "ATTN_IMPLS", "markov_attention",
            "param_count_closed_form", "init_random_hmar_"]
@@ -130,15 +130,10 @@ class HMARNet(nn.Module):
     def __init__(self, cfg: HMARConfig):
         super().__init__()
         self.cfg = cfg
-        c, n = cfg.width, cfg.seq_len
-        self.pos_start = nn.Parameter(torch.zeros(1, 1, c))
-        self.pos_1LC = nn.Parameter(torch.zeros(1, n, c))
-        self.word_embed_bias = nn.Parameter(torch.zeros(c))  # word_embed has no bias of its own (§2.3)
-        lvl = scale_index(cfg.patch_nums)
-        self.register_buffer("lvl_1L", lvl)
+        c = cfg.width
         # Block-DIAGONAL (unlike VAR's block-causal buffer): kept for strict loading; markov_attention is what runs.
-        mask = torch.where(lvl.view(n, 1) == lvl.view(1, n), 0.0, -torch.inf).view(1, 1, n, n)
-        self.register_buffer("attn_bias_for_masking", mask)
+        add_positions(self, c, cfg.patch_nums, lambda row, col: row == col)
+        self.word_embed_bias = nn.Parameter(torch.zeros(c))  # word_embed has no bias of its own (§2.3)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, c)
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), c)
         self.base_blocks = nn.ModuleList(Block(c, cfg.heads, False) for _ in range(cfg.n_base))

@@ -24,6 +24,7 @@ from varbench.harness.core.registry import register_variant
 from varbench.harness.core.sampling import Draw, SampleConfig
 
 from .engine import DTYPES, EngineConfig
+from .factory import register_model
 from .loading import load_var_net, load_vqvae, random_var_net, random_vqvae
 from .params import param_count  # noqa: F401  (re-exported)
 from .var_model import PATCH_NUMS, Modulation, VARConfig, VARNet, flops_per_image
@@ -339,47 +340,15 @@ def var(depth: int = 16, **kwargs) -> VAR:
     return build_var(depth, **kwargs)
 
 
-@register_variant
-@_arch(VARConfig(depth=16))
-def var_d16(**kwargs) -> VAR:
-    """VAR-d16, 310M, ImageNet 256 px (README FID 3.55). Weights: FoundationVision/var var_d16.pth."""
-    return build_var(16, **kwargs)
-
-
-@register_variant
-@_arch(VARConfig(depth=20))
-def var_d20(**kwargs) -> VAR:
-    """VAR-d20, 600M, ImageNet 256 px (README FID 2.95). Weights: FoundationVision/var var_d20.pth."""
-    return build_var(20, **kwargs)
-
-
-@register_variant
-@_arch(VARConfig(depth=24))
-def var_d24(**kwargs) -> VAR:
-    """VAR-d24, 1.0B, ImageNet 256 px (README FID 2.33). Weights: FoundationVision/var var_d24.pth."""
-    return build_var(24, **kwargs)
-
-
-@register_variant
-@_arch(VARConfig(depth=30))
-def var_d30(**kwargs) -> VAR:
-    """VAR-d30, 2.0B, ImageNet 256 px (README FID 1.97). Weights: FoundationVision/var var_d30.pth."""
-    return build_var(30, **kwargs)
-
-
-@register_variant
-@_arch(VARConfig(depth=36, shared_aln=True, patch_nums=PATCH_NUMS[2240]))
-def var_d36(**kwargs) -> VAR:
-    """VAR-d36-s, 2.3B, ImageNet 512 px, shared AdaLN (README FID 2.63). Weights: FoundationVision/var var_d36.pth."""
-    kwargs.setdefault("patch_nums", PATCH_NUMS[2240])
-    kwargs.setdefault("shared_aln", True)
-    return build_var(36, **kwargs)
-
-
-@register_variant
-@_arch(VARConfig(depth=2))
-def test_var(**kwargs) -> VAR:
-    """Tiny random VAR (depth 2, width 128, VQVAE ch 32) for tests and CPU smoke runs; < 1 s per batch."""
-    kwargs.setdefault("weights", "random")
-    kwargs.setdefault("vae_ch", 32)
-    return build_var(2, **kwargs)
+# The released models (FoundationVision/VAR README): depth -> what the listing says of it.
+OFFICIAL_VAR = {16: "310M, ImageNet 256 px (README FID 3.55)", 20: "600M, ImageNet 256 px (README FID 2.95)",
+                24: "1.0B, ImageNet 256 px (README FID 2.33)", 30: "2.0B, ImageNet 256 px (README FID 1.97)"}
+for _depth, _what in OFFICIAL_VAR.items():
+    register_model(f"var_d{_depth}", build_var, VARConfig(depth=_depth), f"VAR-d{_depth}, {_what}. "
+                   f"Weights: FoundationVision/var var_d{_depth}.pth.", fixed={"depth": _depth})
+register_model("var_d36", build_var, VARConfig(depth=36, shared_aln=True, patch_nums=PATCH_NUMS[2240]),
+               "VAR-d36-s, 2.3B, ImageNet 512 px, shared AdaLN (README FID 2.63). Weights: FoundationVision/var "
+               "var_d36.pth.", fixed={"depth": 36}, defaults={"patch_nums": PATCH_NUMS[2240], "shared_aln": True})
+register_model("test_var", build_var, VARConfig(depth=2),
+               "Tiny random VAR (depth 2, width 128, VQVAE ch 32) for tests and CPU smoke runs; < 1 s per batch.",
+               fixed={"depth": 2}, defaults={"weights": "random", "vae_ch": 32})

@@ -13,7 +13,7 @@ in fp32 and the same casts autocast would make otherwise.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,20 +155,28 @@ def scale_index(patch_nums: tuple[int, ...]) -> Tensor:
     return torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)]).view(1, -1)
 
 
+def add_positions(net: nn.Module, width: int, patch_nums: tuple[int, ...],
+                  visible: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """The position parameters and the `lvl_1L` / `attn_bias_for_masking` buffers of a VAR-family net, as the
+    official state dicts hold them; `visible(row_scale, col_scale)` says which token pairs the mask lets attend."""
+    lvl = scale_index(patch_nums)
+    n = lvl.shape[1]
+    net.pos_start = nn.Parameter(torch.zeros(1, 1, width))
+    net.pos_1LC = nn.Parameter(torch.zeros(1, n, width))
+    net.register_buffer("lvl_1L", lvl)
+    mask = torch.where(visible(lvl.view(n, 1), lvl.view(1, n)), 0.0, -torch.inf).view(1, 1, n, n)
+    net.register_buffer("attn_bias_for_masking", mask)
+
+
 class VARNet(nn.Module):
     """Class-conditional next-scale transformer: embeddings, blocks, AdaLN head."""
 
     def __init__(self, cfg: VARConfig):
         super().__init__()
         self.cfg = cfg
-        c, n = cfg.width, cfg.seq_len
-        self.pos_start = nn.Parameter(torch.zeros(1, 1, c))
-        self.pos_1LC = nn.Parameter(torch.zeros(1, n, c))
-        lvl = scale_index(cfg.patch_nums)
-        self.register_buffer("lvl_1L", lvl)
+        c = cfg.width
         # Block-causal mask: a token sees every token of its own and coarser scales (teacher forcing only).
-        mask = torch.where(lvl.view(n, 1) >= lvl.view(1, n), 0.0, -torch.inf).view(1, 1, n, n)
-        self.register_buffer("attn_bias_for_masking", mask)
+        add_positions(self, cfg.width, cfg.patch_nums, lambda row, col: row >= col)
         self.word_embed = nn.Linear(cfg.z_channels, c)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, c)
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), c)

@@ -29,7 +29,9 @@ from .code import CoDe, _pair, build_code
 from .hmar import HMAR, build_hmar
 from .hmar import _arch as _hmar_arch
 from .presets import ZOO_CODE_DRAFT_STEPS, hmar_config, var_config
-from .var import VAR, _arch, build_var
+from .factory import register_model
+from .params import param_count
+from .var import VAR, build_var
 
 __all__ = ["ZOO_DIR", "MANIFEST", "ZooError", "zoo_dir", "manifest", "zoo_file", "zoo_weights_note",
            "RETRAIN_COMMAND", "ZOO_CODE_DRAFT_STEPS", "ZOO_HMAR_SCHEDULE"]
@@ -106,41 +108,15 @@ def _zoo_var(depth: int, **kwargs: Any) -> VAR:
     return variant
 
 
-# One registered factory per depth in ZOO_VAR_DEPTHS (tests/test_zoo.py checks that they agree).
-
-@register_variant
-@_arch(var_config("zoo", 1))
-def var_zoo_d1(**kwargs: Any) -> VAR:
-    """Zoo VAR-d1 (width 32, 44 k params), trained on the 64 px synthetic set: the loss fit's smallest size."""
-    return _zoo_var(1, **kwargs)
-
-
-@register_variant
-@_arch(var_config("zoo", 2))
-def var_zoo_d2(**kwargs: Any) -> VAR:
-    """Zoo VAR-d2 (width 64, 0.20 M params), trained on the 64 px synthetic set; `refiner_d2` starts from it."""
-    return _zoo_var(2, **kwargs)
-
-
-@register_variant
-@_arch(var_config("zoo", 3))
-def var_zoo_d3(**kwargs: Any) -> VAR:
-    """Zoo VAR-d3 (width 96, 0.59 M params), trained on the 64 px synthetic set."""
-    return _zoo_var(3, **kwargs)
-
-
-@register_variant
-@_arch(var_config("zoo", 4))
-def var_zoo_d4(**kwargs: Any) -> VAR:
-    """Zoo VAR-d4 (width 128, 1.3 M params), trained on the 64 px synthetic set."""
-    return _zoo_var(4, **kwargs)
-
-
-@register_variant
-@_arch(var_config("zoo", 5))
-def var_zoo_d5(**kwargs: Any) -> VAR:
-    """Zoo VAR-d5 (width 160, 2.5 M params), trained on the 64 px synthetic set: the default model of `varbench run`."""
-    return _zoo_var(5, **kwargs)
+# One registered model per depth in ZOO_VAR_DEPTHS (tests/test_zoo.py checks that they agree).
+_ZOO_VAR_NOTES = {1: "the loss fit's smallest size", 2: "`refiner_d2` starts from it", 3: "", 4: "",
+                  5: "the default model of `varbench run`"}
+for _depth, _note in _ZOO_VAR_NOTES.items():
+    _cfg = var_config("zoo", _depth)
+    register_model(f"var_zoo_d{_depth}", _zoo_var, _cfg,
+                   f"Zoo VAR-d{_depth} (width {_cfg.width}, {param_count(_cfg) / 1e6:.2g} M params), trained on the "
+                   f"64 px synthetic set" + (f": {_note}." if _note else "."), fixed={"depth": _depth},
+                   signature_of=build_var)
 
 
 @register_variant

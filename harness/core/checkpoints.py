@@ -79,15 +79,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file not found: {path}") from None
     except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{first_line}") from err
+        raise CheckpointError(_unreadable(path, err)) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and set(obj) == {wrapper}:
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
     return dict(obj)
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    """Why torch.load refused a file, in the reader's terms; never advice to turn weights-only loading off."""
+    text = str(err)
+    blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
+    if blocked:
+        return (f"{path} holds Python objects besides tensors ({blocked}): loading it could run code, so "
+                f"varbench refuses it. Use a checkpoint that holds only a state dict of tensors.")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK" or head.startswith(b"\x80"):  # a zip archive (torch.save) or a legacy pickle, cut or damaged
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        return f"{path} is a damaged PyTorch checkpoint (truncated or corrupt: download it again): {first[:160]}"
+    return (f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle, {path.stat().st_size} "
+            f"bytes): another format, or a corrupt download")
 
 
 def _describe(names: list[str], limit: int = 8) -> str:

@@ -76,6 +76,8 @@ class Registry(Generic[T]):
         target = self._items[name]
         if isinstance(target, str):
             return target
+        if hasattr(target, "defined_at"):  # a factory made by a helper names the line that registered it
+            return target.defined_at
         try:
             return f"{target.__module__}:{inspect.getsourcelines(target)[1]}"
         except (TypeError, OSError, AttributeError):
