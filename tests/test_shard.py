@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from varbench.harness import SampleConfig, create_variant
-from varbench.harness.run.shard import REPORT_PREFIX, block_seed, merge_shards, sample_shards, shard_path
+from varbench.harness.run.shard import (REPORT_PREFIX, CorruptSamplesError, block_seed, load_merged, merge_shards,
+                                        sample_shards, shard_path)
 
 ENTRY = ["-m", "varbench.harness.run.shard", "--variant", "test_var", "--seed", "0", "--threads", "1"]
 
@@ -155,3 +156,38 @@ def test_merge_lists_missing_blocks(ref6: Path, tmp_path: Path):
     with pytest.raises(RuntimeError, match=r"2 blocks missing or corrupt: \[0, 2\]"):
         merge_shards(out, 6, 2)
     assert not (tmp_path / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "wrong array"])
+def test_corrupt_merged_file_rebuilt_from_shards(ref6: Path, tmp_path: Path, damage: str, caplog):
+    out = tmp_path / "samples"
+    shutil.copytree(ref6, out)
+    merged, ref = tmp_path / "samples.npz", _load(ref6.parent / "samples.npz")["arr_0"]
+    if damage == "random bytes":
+        merged.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "truncated":
+        whole = (ref6.parent / "samples.npz").read_bytes()
+        merged.write_bytes(whole[: len(whole) // 2])
+    else:  # a readable archive whose images are float, not uint8
+        np.savez(merged, arr_0=np.zeros((6, 4, 4, 3), np.float32))
+    with caplog.at_level(logging.WARNING, logger="varbench.harness.run.shard"):
+        images = load_merged(merged, expected=6)
+    np.testing.assert_array_equal(images, ref)
+    np.testing.assert_array_equal(_load(merged)["arr_0"], ref)  # the file on disk is whole again
+    assert any("samples.npz was unusable" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_merged_file_without_shards_named(ref6: Path, tmp_path: Path):
+    merged = tmp_path / "samples.npz"
+    whole = (ref6.parent / "samples.npz").read_bytes()
+    merged.write_bytes(whole[: len(whole) // 3])  # no shard folder beside it
+    with pytest.raises(CorruptSamplesError, match=rf"{merged}.*not an .npz archive.*no shard folder.*Delete {merged}"):
+        load_merged(merged)
+    out = tmp_path / "samples"
+    shutil.copytree(ref6, out)
+    shard_path(out, 1).unlink()  # shards there, but one block missing: cannot rebuild either
+    with pytest.raises(CorruptSamplesError, match=r"missing or corrupt: \[1\].*to sample again"):
+        load_merged(merged)
+    np.savez(merged, arr_0=np.zeros((5, 4, 4, 3), np.uint8))
+    with pytest.raises(CorruptSamplesError, match="holds 5 images, not the 6 expected"):
+        load_merged(merged, expected=6)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from varbench.harness.core.kv_cache import attention
+
 __all__ = ["VARConfig", "VARNet", "Modulation", "PATCH_NUMS", "flops_per_image", "init_random_"]
 
 # Scale schedules by total token count L: VAR 256 px, VAR 512 px (d36), and the 64 px zoo.
@@ -101,14 +103,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache=None, layer: int = 0, mask: Tensor | None = None) -> Tensor:
         q, k, v = self.qkv(x)
-        if hasattr(cache, "attend"):  # a compressing KV policy's cache attends, then scores and evicts keys
-            out = cache.attend(layer, q, k, v, mask, x, self)
-        else:
-            if cache is not None:  # keys/values of this scale join those of coarser scales
-                k, v = cache.update(layer, k, v)
-            if mask is not None:
-                mask = mask.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # softmax scale is in q
+        # A cache attends over what it holds (a compressing policy's then scores and evicts keys).
+        out = attention(q, k, v, mask) if cache is None else cache.attend(layer, q, k, v, mask, x, self)
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 

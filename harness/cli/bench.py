@@ -22,7 +22,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from varbench.harness.core.registry import create_variant
     from varbench.harness.run.bench import bench_variant
+    from varbench.harness.run.study import prepare_out
 
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from varbench.variants.var import EngineConfig
@@ -59,7 +61,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}")
     t0 = time.time()
     variant = build(engine)
-    result = bench_variant(variant, args.batch, _sampling(args), args.warmup, args.repeats)
+    try:
+        prepare_out(out)  # a folder the record cannot be written to fails now, not after the measurement
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = {"weights": variant.weights} | bench_variant(variant, args.batch, _sampling(args), args.warmup,
+                                                         args.repeats)
     if policy is not None:  # name, arguments as given and resolved, unverified settings, calibration source
         result |= policy.record() | {"kv_args_given": kv_args}
     measured = [(variant, result, t0, "")]
@@ -75,6 +83,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2))
     print(f"record: {path} (print it: varbench table {out})", file=sys.stderr)
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Counts and the device, checked before anything is built (ValueError naming the option and its range)."""
+    for option, value, least in (("--batch", args.batch, 1), ("--repeats", args.repeats, 1),
+                                 ("--warmup", args.warmup, 0), ("--threads", args.threads, 0)):
+        if value < least:
+            zero = " (0 = torch's default)" if option == "--threads" else ""
+            raise ValueError(f"{option} must be >= {least}{zero}, got {value}")
+    check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """A device this machine has: cpu, cuda or cuda:N (with CUDA available and N below the device count)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not a device here; valid: cpu, cuda, cuda:N")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict, measured: list) -> Path:

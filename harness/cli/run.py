@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -24,9 +25,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     embedded = args.study is None
     study = load_study(default_study_path() if embedded else args.study, args.set or [])
-    if args.variants:
-        study = dataclasses.replace(study, variants=tuple(v.strip() for v in args.variants.split(",")))
-    check_names(study)  # unknown names fail here, before anything is written
+    if args.variants is not None:
+        study = dataclasses.replace(study, variants=_variant_list(args.variants))
+    check_names(study)  # unknown names and argument keys fail here, before anything is written
     out = Path(args.out or Path("runs") / f"{study.study}-{dt.datetime.now():%Y%m%d-%H%M%S}")
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
@@ -42,7 +43,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if study.quality is not None:
             print(f"  quality: {study.quality.num_samples} samples, extractor {study.quality.extractor!r}, "
                   f"reference {study.quality.reference!r}")
-    run_study(study, out, progress=main_rank)
+    try:
+        run_study(study, out, progress=main_rank)
+    except OSError as err:  # the folder is locked or read-only, a record could not be written (disk full)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     if dist.is_initialized():  # started by torchrun: ranks leave together
@@ -55,6 +60,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"\nrecords: {out / 'records.jsonl'}   table: {out / 'table.md'}   samples: {out / 'samples'}")
         print(f"again: varbench table {out}")
     return 0
+
+
+def _variant_list(text: str) -> tuple[str, ...]:
+    """`--variants A,B`; an empty list is an error, never the study's own variants."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        from varbench.harness.core.registry import VARIANTS
+
+        raise ValueError(f"--variants is empty ({text!r}): give comma-separated variant names, e.g. "
+                         f"--variants var_zoo_d5,var_zoo_d2; registered: {', '.join(VARIANTS.list())}")
+    return names
 
 
 def add(sub: argparse._SubParsersAction) -> None:

@@ -9,11 +9,7 @@ KINDS = ("vqvae", "var", "hmar", "classifier")
 
 
 def run(argv: list[str]) -> int:
-    if argv[:1] == ["zoo"]:  # the whole zoo: both training phases, then the fp16 export
-        from varbench.harness.train.zoo_build import main as zoo_main
-
-        return zoo_main(argv[1:])
-    from varbench.harness.train import main as train_main
+    from varbench.harness.train import main as train_main  # it hands `train zoo ...` to the zoo build
 
     return train_main(argv)
 

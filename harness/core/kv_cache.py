@@ -20,10 +20,25 @@ from torch import Tensor
 
 from varbench.kernels import compact_kv_
 
-__all__ = ["StaticKVCache", "ConcatKVCache", "CompressedKVCache", "GroupPlan", "KVPlan", "KVView"]
+__all__ = ["attention", "StaticKVCache", "ConcatKVCache", "CompressedKVCache", "GroupPlan", "KVPlan", "KVView"]
 
 
-class StaticKVCache:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One fused attention call; the softmax scale is already in q (VAR-family nets pre-scale it)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), scale=1.0)
+
+
+class _KeepAll:
+    """The cache contract every model calls: `attend` writes this forward's keys and values and attends over
+    all held. Caches that keep every key do it as update + one fused call; CompressedKVCache also evicts."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+               x: Tensor | None = None, attn=None) -> Tensor:
+        k, v = self.update(layer, k, v)  # keys/values of this scale join those of coarser scales
+        return attention(q, k, v, mask)
+
+
+class StaticKVCache(_KeepAll):
     """Keys and values of every layer in two (layers, batch, heads, capacity, head_dim) buffers.
 
     The write position advances by the number of tokens each layer-0 update brings; all layers of one
@@ -71,7 +86,7 @@ class StaticKVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
 
-class ConcatKVCache:
+class ConcatKVCache(_KeepAll):
     """The official code's cache: grows by concatenation at every scale (reference only)."""
 
     def __init__(self, layers: int):

@@ -17,7 +17,7 @@ from typing import ContextManager, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .sampling import Draw, SampleConfig, draw_tokens, guide
+from .sampling import CFG_MAX, Draw, NonFiniteLogitsError, SampleConfig, bad_logits, draw_tokens, guide
 
 __all__ = ["Step", "StepOutput", "ScaleVariant", "Variant", "Generation", "generate", "resolve_labels"]
 
@@ -143,12 +143,67 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
     for step in steps:
         with timer(f"scale{step.si}"):
             out = variant.forward(state, step)
-            gen = streams[step.stream]
-            for si, thrown_away in out.discard:  # plain draws: the official prefill never smooths them
-                draw_tokens(thrown_away, replace(sampling.at(si), more_smooth=False), gen, si / last)
-            logits = guide(out.logits, sampling.cfg * step.cfg_ratio) if out.guided else out.logits
-            draw = draw_tokens(logits, sampling.at(step.si), gen, step.si / last)
+            try:
+                draw = _draw(out, step, sampling, streams[step.stream], last)
+            except NonFiniteLogitsError as err:  # only on failure: the diagnosis reads tensors (device syncs)
+                raise NonFiniteLogitsError(_diagnose(variant, sampling, step, out, err), err.cause) from None
             variant.commit(state, step, draw)
     with timer("decode"):
         images = variant.decode(state)
     return Generation(images, variant.tokens(state), labels, state)
+
+
+def _draw(out: StepOutput, step: Step, sampling: SampleConfig, gen: torch.Generator | None, last: int) -> Draw:
+    """One step's sampling: the throw-away draws first, then the step's own on the guided logits."""
+    for si, thrown_away in out.discard:  # plain draws: the official prefill never smooths them
+        draw_tokens(thrown_away, replace(sampling.at(si), more_smooth=False), gen, si / max(last, 1))
+    logits = guide(out.logits, sampling.cfg * step.cfg_ratio) if out.guided else out.logits
+    return draw_tokens(logits, sampling.at(step.si), gen, step.si / max(last, 1))
+
+
+def _where(variant: ScaleVariant, step: Step) -> str:
+    pn = variant.patch_nums[step.si]
+    where = f"scale {step.si} ({pn}x{pn} tokens)"
+    where += f", masked step {step.sub}" if step.sub else ""
+    return where + (f", stream {step.stream!r}" if step.stream != "main" else "")
+
+
+def _diagnose(variant: ScaleVariant, sampling: SampleConfig, step: Step, out: StepOutput,
+              err: NonFiniteLogitsError) -> str:
+    """Names the likely cause of non-finite logits at a step: the model (and a non-finite weight, if one is
+    found), the guidance scale, or the temperature. The sampler filters its input in place, but only to -inf
+    and never a whole row, so the model's own logits can still be judged here."""
+    where = f"sampling failed at {_where(variant, step)}"
+    if err.cause == "temperature":
+        return f"{where}: {err}"
+    if bad_logits(out.logits) or any(bad_logits(t) for _, t in out.discard):
+        weight = _first_non_finite_weight(variant, step.stream)
+        hint = (f"check the weights (e.g. {weight})" if weight else
+                "every weight is finite, so the forward pass overflowed: check the inputs, the KV policy and the "
+                f"precision ({getattr(variant, 'dtype', 'unknown dtype')})")
+        return f"{where}: non-finite logits from the model: {hint}"
+    if out.guided:
+        t, peak = sampling.cfg * step.cfg_ratio, float(out.logits.abs().amax())
+        return (f"{where}: classifier-free guidance with sampling.cfg = {sampling.cfg!r} (t = {t:.4g} at this "
+                f"scale, on model logits up to |{peak:.3g}|) overflowed fp32; use a smaller cfg (valid: "
+                f"[0, {CFG_MAX:g}]; the papers use 1.5 to 4)")
+    return f"{where}: {err} (sampling at this scale: {sampling.at(step.si)})"
+
+
+def _first_non_finite_weight(variant: ScaleVariant, stream: str) -> str | None:
+    """'a NaN in <parameter> of <model>' for the first parameter holding a NaN or an inf (the model drawing on the
+    step's stream first: CoDe's streams are its roles), else the first buffer holding a NaN (buffers such as
+    attention masks hold -inf on purpose)."""
+    models = getattr(variant, "models", None) or {getattr(variant, "name", "the model"): variant}
+    roles = sorted(models, key=lambda role: role != stream)
+    nets = [(role, getattr(models[role], "net", models[role])) for role in roles]
+    nets = [(role, net) for role, net in nets if isinstance(net, torch.nn.Module)]
+    for role, net in nets:
+        for name, p in net.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                return f"{'a NaN' if bool(p.isnan().any()) else 'an inf'} in {name} of {role}"
+    for role, net in nets:
+        for name, b in net.named_buffers():
+            if b.is_floating_point() and bool(b.isnan().any()):
+                return f"a NaN in buffer {name} of {role}"
+    return None

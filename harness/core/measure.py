@@ -1,12 +1,18 @@
 """Timers, memory meters and FLOP-rate references, measured the same way for every variant.
 
 GPU: CUDA events around each region, one synchronize per generation, allocator peak after a reset.
-CPU: perf_counter, and the peak RSS delta over a baseline via Linux's VmHWM reset (docs/METRICS.md §5).
+CPU: perf_counter, and the peak RSS delta over a baseline via Linux's VmHWM reset (docs/METRICS.md §5), taken
+after the heap's freed pages are handed back to the OS (else a cell that fits in memory an earlier cell freed
+but the allocator kept reads a peak of 0).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
 import statistics
 import time
 from collections import defaultdict
@@ -70,6 +76,7 @@ class MemoryMeter:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _release_free_heap()  # the baseline is live memory, not pages freed by earlier cells
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             self.baseline = _proc_status_bytes("VmRSS")
@@ -83,6 +90,25 @@ class MemoryMeter:
         if self.method == "unavailable":
             return None
         return max(0, _proc_status_bytes("VmHWM") - self.baseline)
+
+
+@functools.cache
+def _libc_malloc_trim():
+    """glibc's malloc_trim, or None (musl, macOS: nothing to trim with)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def _release_free_heap() -> None:
+    """Returns freed heap pages to the OS so that RSS drops to the memory in use: glibc keeps freed chunks
+    (its mmap threshold grows after large frees), and a later region reusing them never raises VmHWM."""
+    gc.collect()
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -1,12 +1,15 @@
 """Measurement records: one JSON object per line, schema-versioned, each with its provenance.
 
-Appends are single `write` calls of a whole line on an O_APPEND descriptor followed by fsync, so readers never
-see interleaved records; a line cut short by a crash is skipped on load (and its cell is redone on resume).
+Appends write a whole line on an O_APPEND descriptor (a short write is continued, a write that makes no
+progress raises OSError naming the file) followed by fsync; a study holds a lock on its folder, so no other
+writer interleaves. A line cut short by a crash is skipped on load (and its cell is redone on resume); a line
+that is JSON but not an object is skipped with a warning naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -22,6 +25,7 @@ from .hashing import config_hash
 
 __all__ = ["SCHEMA", "capture_env", "config_hash", "append_record", "load_records"]
 
+log = logging.getLogger(__name__)
 SCHEMA = 1
 _PACKAGES = ("varbench", "torch", "torchvision", "torch-fidelity", "numpy", "scipy", "pandas")
 
@@ -76,10 +80,21 @@ def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line  # a crash cut the last line short: keep ours whole on a line of its own
-        os.write(fd, line)
+        _write_all(fd, line, path)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    """Writes every byte of `data`: os.write may write fewer (a full disk, a signal); 0 bytes is no progress."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"could not append a record to {path}: wrote {len(data) - len(view)} of {len(data)} "
+                          f"bytes (disk full?); the record is incomplete and will be redone on resume")
+        view = view[written:]
 
 
 def load_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -87,10 +102,15 @@ def load_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     path = Path(path)
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     for file in files:
-        for line in file.read_text().splitlines():
+        for number, line in enumerate(file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # an interrupted append
+            if not isinstance(record, dict):
+                log.warning("%s line %d: skipped, a record is a JSON object, not %s", file, number,
+                            type(record).__name__)
+                continue
+            yield record

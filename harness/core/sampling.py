@@ -10,15 +10,51 @@ drawn from the same generator after the multinomial.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["SampleConfig", "ScaleSampling", "Draw", "filter_top_k_top_p_", "draw_tokens", "guide"]
+__all__ = ["SampleConfig", "ScaleSampling", "Draw", "NonFiniteLogitsError", "filter_top_k_top_p_", "draw_tokens",
+           "guide", "bad_logits", "CFG_MAX"]
 
 PerScale = float | tuple[float, ...]
+CFG_MAX = 1000.0  # far above any published guidance scale; larger ones only overflow the guided fp32 logits
+
+
+class NonFiniteLogitsError(FloatingPointError, ValueError):
+    """Logits that make no distribution (NaN, +inf, or a row of -inf) reached the sampler. `cause` says at
+    which stage of the sampler they appeared: "input" (the logits it was given) or "temperature". A ValueError
+    too, so that the command line prints it as a message like any other bad setting or file."""
+
+    def __init__(self, message: str, cause: str = "input"):
+        super().__init__(message)
+        self.cause = cause
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy scalars too, not True/False
+
+
+def _check_value(name: str, v: object) -> None:
+    """Raises ValueError naming one setting's bad value and its valid range (`name` as `top_p[3]`)."""
+    if name.startswith("top_k"):
+        ok = _is_number(v) and math.isfinite(v) and v >= 0 and float(v).is_integer()
+        valid = "an integer >= 0 (0 = off; >= the vocabulary keeps every token)"
+    elif name.startswith("top_p"):
+        ok = _is_number(v) and 0.0 <= v <= 1.0  # False for NaN
+        valid = "a number in [0, 1] (0 = off)"
+    elif name.startswith("temperature"):
+        ok = _is_number(v) and math.isfinite(v) and v > 0
+        valid = "a finite number, temperature > 0"
+    else:  # cfg
+        ok = _is_number(v) and 0.0 <= v <= CFG_MAX
+        valid = f"a finite guidance scale in [0, {CFG_MAX:g}] (0 = no guidance)"
+    if not ok:
+        raise ValueError(f"sampling.{name} = {v!r} is invalid: it must be {valid}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +86,20 @@ class SampleConfig:
             value = getattr(self, f)
             if isinstance(value, list):
                 object.__setattr__(self, f, tuple(value))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Every value finite and in its range, before any model runs (a NaN would only surface in the sampler)."""
+        _check_value("cfg", self.cfg)
+        for f in ("top_k", "top_p", "temperature"):
+            v = getattr(self, f)
+            if isinstance(v, tuple):
+                if not v:
+                    raise ValueError(f"sampling.{f} is an empty list: give one value, or one per scale")
+                for si, x in enumerate(v):
+                    _check_value(f"{f}[{si}]", x)
+            else:
+                _check_value(f, v)
 
     def at(self, si: int) -> ScaleSampling:
         def pick(v):
@@ -58,16 +108,12 @@ class SampleConfig:
                              self.more_smooth)
 
     def validate(self, num_scales: int) -> None:
-        """Raises ValueError naming the bad setting."""
+        """Raises ValueError naming the bad setting and its valid values."""
         for f in ("top_k", "top_p", "temperature"):
             v = getattr(self, f)
             if isinstance(v, tuple) and len(v) != num_scales:
                 raise ValueError(f"sampling.{f} has {len(v)} values but the model has {num_scales} scales")
-        for si in range(num_scales):
-            s = self.at(si)
-            if s.top_k < 0 or not 0.0 <= s.top_p <= 1.0 or s.temperature <= 0:
-                raise ValueError(f"bad sampling settings at scale {si}: {s} (need top_k >= 0, "
-                                 "0 <= top_p <= 1, temperature > 0)")
+        self._check_values()
 
 
 class Draw(NamedTuple):
@@ -110,10 +156,32 @@ def draw_tokens(logits: Tensor, s: ScaleSampling, generator: torch.Generator | N
     filter_top_k_top_p_(logits, s.top_k, s.top_p)
     scaled = logits / s.temperature if s.temperature != 1.0 else logits
     probs = scaled.softmax(dim=-1).view(-1, vocab)
-    tokens = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(b, n)
+    try:  # multinomial already checks its input (one sync); diagnosing only on failure keeps success free
+        tokens = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(b, n)
+    except RuntimeError:
+        err = _non_finite(logits, scaled, s)
+        if err is None:
+            raise
+        raise err from None
     soft = None
     if s.more_smooth:
         tau = max(0.27 * (1 - ratio * 0.95), 0.005)
         noise = -torch.empty_like(logits).exponential_(generator=generator).log()
         soft = ((logits.mul(1 + ratio) + noise) / tau).softmax(dim=-1)
     return Draw(tokens, logits, soft)
+
+
+def bad_logits(logits: Tensor) -> bool:
+    """True if some row of (..., V) logits makes no distribution: a NaN, a +inf, or every entry -inf."""
+    return bool(logits.isnan().any() or logits.isposinf().any() or logits.isneginf().all(dim=-1).any())
+
+
+def _non_finite(filtered: Tensor, scaled: Tensor, s: ScaleSampling) -> NonFiniteLogitsError | None:
+    """The error to raise when the sampler's input or its temperature made the probabilities invalid; None when
+    the cause is something else (the caller then re-raises torch's own error)."""
+    if bad_logits(filtered):
+        return NonFiniteLogitsError("non-finite logits reached the sampler", "input")
+    if bad_logits(scaled):
+        return NonFiniteLogitsError(f"sampling.temperature = {s.temperature!r} made the logits non-finite "
+                                    "(dividing by it overflowed fp32): use a larger temperature", "temperature")
+    return None

@@ -5,6 +5,9 @@ straight lines in log-log space, reporting Pearson r ≈ −0.998. A high |r| al
 any smooth monotone curve over one decade gives it. So every fit here also reports standard errors, a
 t-interval and a bootstrap interval on the exponent, per-point residuals, the error of predicting the largest
 points from a fit to the others, and the AIC of the pure law against a law with a floor, y = c + a·x^α.
+`fit_warnings` names what makes a fit meaningless (an exponent indistinguishable from 0, a floor fit stuck at a
+bound) and `law_text` writes a law with 3 significant digits, as a·x^b (+ c): the paper's (β·x)^α form turns
+unreadable (β = a^(1/α)) when α is small.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
-__all__ = ["PowerLawFit", "FloorFit", "fit_power_law", "fit_power_law_floor", "compare"]
+__all__ = ["PowerLawFit", "FloorFit", "fit_power_law", "fit_power_law_floor", "compare", "fit_warnings", "law_text"]
+
+# |alpha| below this is "no dependence on x" for a warning (a 1000x range of x changes y by < 0.7%)
+FLAT_EXPONENT = 1e-3
+_ALPHA_BOUND = -20.0  # the floor fit's lower bound on alpha
 
 
 @dataclass
@@ -74,9 +81,21 @@ def _check(x: Any, y: Any, need: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"x and y must be 1-D and of one length, got {x.shape} and {y.shape}")
     if len(x) < need:
         raise ValueError(f"a fit needs at least {need} points, got {len(x)}")
-    if (x <= 0).any() or (y <= 0).any():
-        raise ValueError("power-law fits need x > 0 and y > 0 (they are fitted in log space)")
+    bad = np.flatnonzero(~(np.isfinite(x) & np.isfinite(y)))
+    if len(bad):
+        raise ValueError(f"a fit needs finite numbers; not finite: {_points(x, y, bad)} (drop them first)")
+    bad = np.flatnonzero((x <= 0) | (y <= 0))
+    if len(bad):
+        raise ValueError(f"power-law fits need x > 0 and y > 0 (they are fitted in log space); "
+                         f"got {_points(x, y, bad)}")
+    if np.ptp(x) == 0:
+        raise ValueError(f"a fit needs at least 2 distinct x values; every x is {x[0]:g}")
     return x, y
+
+
+def _points(x: np.ndarray, y: np.ndarray, idx: np.ndarray, most: int = 5) -> str:
+    shown = ", ".join(f"#{i} (x={x[i]:g}, y={y[i]:g})" for i in idx[:most])
+    return shown + (f" and {len(idx) - most} more" if len(idx) > most else "")
 
 
 def _aic(rss: float, n: int, k: int) -> float:
@@ -147,7 +166,7 @@ def fit_power_law_floor(x: Any, y: Any, starts: int = 8, seed: int = 0) -> Floor
         a0 = max(np.median(y) - c0, 1e-12 * y.max())
         try:
             sol = optimize.least_squares(residual, [c0, np.log(a0), alpha0], loss="soft_l1", f_scale=0.05,
-                                         bounds=([0.0, -np.inf, -20.0], [y.min(), np.inf, 0.0]))
+                                         bounds=([0.0, -np.inf, _ALPHA_BOUND], [y.min(), np.inf, 0.0]))
         except ValueError:
             continue
         if best is None or sol.cost < best.cost:
@@ -174,3 +193,39 @@ def compare(pure: PowerLawFit, floor: FloorFit) -> dict[str, Any]:
     delta = floor.aic - pure.aic
     preferred = "tie" if abs(delta) < 2 else ("power_law_with_floor" if delta < 0 else "power_law")
     return {"aic_power_law": pure.aic, "aic_with_floor": floor.aic, "delta_aic": delta, "preferred": preferred}
+
+
+def _sig(value: float) -> str:
+    """3 significant digits, without a trailing exponent for ordinary magnitudes."""
+    return "nan" if not np.isfinite(value) else f"{value:.3g}"
+
+
+def law_text(fit: PowerLawFit | FloorFit, x: str = "x", y: str = "y") -> str:
+    """The fitted law as `y = a·x^b` or `y = c + a·x^b`, numbers to 3 significant digits."""
+    power = f"{_sig(fit.a)}·{x}^{_sig(fit.alpha)}"
+    return f"{y} = {_sig(fit.c)} + {power}" if isinstance(fit, FloorFit) else f"{y} = {power}"
+
+
+def fit_warnings(pure: PowerLawFit, floor: FloorFit | None = None) -> list[str]:
+    """Why a fit should not be read as a scaling law (empty if nothing is wrong)."""
+    notes = []
+    lo, hi = pure.alpha_ci95_t
+    if abs(pure.alpha) < FLAT_EXPONENT:
+        notes.append(f"the exponent {pure.alpha:.3g} is ~0: y does not change with x over this range")
+    elif not (np.isfinite(lo) and np.isfinite(hi)) or lo <= 0 <= hi:
+        notes.append(f"the exponent's 95% interval [{lo:.3g}, {hi:.3g}] includes 0: the data show no "
+                     f"significant power law ({pure.n} points, r = {pure.r:.3f})")
+    if floor is None:
+        return notes
+    term = floor.a * pure.x_range[0] ** floor.alpha  # the power term where it is largest (alpha <= 0)
+    if abs(floor.alpha) < FLAT_EXPONENT:
+        notes.append(f"the floor fit is degenerate: exponent {floor.alpha:.3g} ~0 makes a·x^alpha a constant, "
+                     f"so y = c + a is a flat line; read the pure law instead")
+    elif floor.alpha <= _ALPHA_BOUND + 1e-6:
+        notes.append(f"the floor fit's exponent sits at its bound {_ALPHA_BOUND:g}: the data do not pin it")
+    elif floor.c > 0 and term < 0.01 * floor.c:
+        notes.append(f"the floor fit is degenerate: a·x^alpha stays below 1% of the floor c = {floor.c:.3g} over "
+                     f"the data, so it is a flat line")
+    if floor.alpha_se is None:
+        notes.append(f"the floor fit has no standard errors ({floor.n} points for 3 parameters)")
+    return notes

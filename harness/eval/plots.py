@@ -1,4 +1,7 @@
-"""Plots of records and fits (matplotlib, no display needed): pure functions that write a figure file."""
+"""Plots of records and fits (matplotlib, no display needed): pure functions that write a figure file.
+
+Legends write a law as `y = a·x^b (+ c)` with 3 significant digits (`fits.law_text`), never as (β·x)^α,
+whose β = a^(1/α) is unreadable (4.82e-158) for a small exponent."""
 
 from __future__ import annotations
 
@@ -8,17 +11,21 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["plot_fit"]
+from .fits import law_text
+
+__all__ = ["plot_fit", "fit_legend", "pareto_front", "frontier_rows"]
+
+
+def fit_legend(fit, floor=None) -> list[str]:
+    """The legend entries of `plot_fit`'s lines: the pure law with its r, then the law with a floor."""
+    return [f"{law_text(fit)}  (r = {fit.r:.3f})"] + ([law_text(floor)] if floor is not None else [])
 
 
 def plot_fit(x: Any, y: Any, fit, floor=None, path: str | Path = "fit.png", xlabel: str = "x",
              ylabel: str = "y", title: str | None = None) -> Path:
     """Log-log scatter of (x, y) with the pure power-law fit, its 95% confidence band (t-based, in log space)
     and, if given, the fit with a floor."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (a notebook's inline) alone
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     lx = np.log(x)
@@ -29,12 +36,14 @@ def plot_fit(x: Any, y: Any, fit, floor=None, path: str | Path = "fit.png", xlab
     sxx = ((lx - lx.mean()) ** 2).sum()
     half = stats.t.ppf(0.975, max(n - 2, 1)) * s * np.sqrt(1 / n + (np.log(grid) - lx.mean()) ** 2 / sxx)
     pred = fit.predict(grid)
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    fig = Figure(figsize=(5, 3.6), dpi=120)
+    ax = fig.subplots()
     ax.scatter(x, y, color="black", zorder=3, label="measured")
-    ax.plot(grid, pred, label=f"y = ({fit.beta:.3g}·x)^{fit.alpha:.3f}  (r = {fit.r:.4f})")
+    labels = fit_legend(fit, floor)
+    ax.plot(grid, pred, label=labels[0])
     ax.fill_between(grid, pred * np.exp(-half), pred * np.exp(half), alpha=0.2, label="95% band")
     if floor is not None:
-        ax.plot(grid, floor.predict(grid), "--", label=f"y = {floor.c:.3g} + {floor.a:.3g}·x^{floor.alpha:.3f}")
+        ax.plot(grid, floor.predict(grid), "--", label=labels[1])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -46,7 +55,6 @@ def plot_fit(x: Any, y: Any, fit, floor=None, path: str | Path = "fit.png", xlab
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -1,9 +1,12 @@
 """Quality metrics (FID, KID, IS, precision/recall) with percentile-bootstrap 95% intervals.
 
-Features come from `extractors.extract_features`; every number comes from torch-fidelity's own
-features→metric functions with the settings `calculate_metrics` would use for the same sample counts
-(KID subset size min(1000, n, m), IS splits min(10, n // 2), PRC neighbourhood 3, torch-fidelity's rng seed
-2020). Reference statistics are cached under a content hash (data bytes + extractor + weights + library
+Features come from `extractors.extract_features` (memoised per process for the last few image sets); every
+number is torch-fidelity's own features→metric computation with the settings `calculate_metrics` would use
+for the same sample counts (KID subset size min(1000, n, m), IS splits min(10, n // 2), PRC neighbourhood 3,
+torch-fidelity's rng seed 2020). The bootstrap reuses work instead of calling those functions per resample:
+FID resamples take an exact symmetric form of the trace term, KID and precision/recall gather their kernel
+and distance matrices, computed once, with torch-fidelity's own subset draws and k-NN rule (same floats).
+Reference statistics are cached under a content hash (data bytes + extractor + weights + library
 version), never under a name, because torch-fidelity's own cache silently reuses stale stats by name.
 
 `score` returns a flat dict (the keys present depend on the requested metrics):
@@ -13,6 +16,7 @@ version), never under a name, because torch-fidelity's own cache silently reuses
   precision, recall, f_score (+ _ci95)  Kynkäänniemi et al. k-NN manifold precision/recall
   num_samples, num_reference, extractor, extractor_weights_sha256, reference, reference_stats_sha,
   bootstrap, seed, settings             provenance; `<key>_ci95` is [lo, hi] or None when bootstrap == 0
+  eval_seconds                          {"features", "point", "bootstrap"}: wall seconds of each pass
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import tempfile
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +39,8 @@ import torch_fidelity
 from PIL import Image
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.metric_kid import kernel_mmd, kernel_poly, mmd2
+from torch_fidelity.metric_prc import calc_cdist_full, calc_cdist_part
 
 from varbench.harness.core.hashing import text_sha256
 
@@ -49,7 +56,11 @@ QUALITY_METRIC_NAMES = ("fid", "kid", "isc", "prc")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 TF_RNG_SEED = 2020  # torch-fidelity's default rng_seed: KID subsets and IS shuffling use it
 PRC_NEIGHBORHOOD = 3
+PRC_BATCH_SIZE = 10000  # torch-fidelity's prc_batch_size default: cdist blocks of this many rows/columns
 KID_BOOTSTRAP_SUBSETS = 10  # subsets per bootstrap resample: 100 per resample would dominate the run time
+KID_GATHER_MIN = 64  # smaller KID subsets recompute their kernels (see _KidKernels)
+FEATURE_MEMO_SIZE = 8  # feature sets kept by _features: a cell's images and its baseline's, with room to spare
+CACHE_KEYS = ("mu", "sigma", "stats_from")  # what a reference-<sha>.pt must hold
 
 
 @dataclass
@@ -77,6 +88,29 @@ def _extractor_identity(extractor: str, weights: str | None) -> str:
     return _hash(extractor, weights_sha256(weights) or "random-init",
                  f"varbench-cnn v{PROJECT_CNN_VERSION}" if extractor == PROJECT_CNN else "",
                  torch_fidelity.__version__)
+
+
+def _array_sha256(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
+
+
+_FEATURE_MEMO: OrderedDict[tuple[str, str, str], dict[str, torch.Tensor]] = OrderedDict()
+
+
+def _features(images: np.ndarray, extractor: str, weights: str | None, device: str) -> dict[str, torch.Tensor]:
+    """`extract_features` (CPU tensors) memoised for the last FEATURE_MEMO_SIZE image sets: a study scores a
+    cell, then scores the same images again paired against the baseline, and extraction is the costly part."""
+    key = (_hash(_array_sha256(images), str(images.shape), str(images.dtype)),
+           _extractor_identity(extractor, weights), str(torch.device(device)))
+    feats = _FEATURE_MEMO.get(key)
+    if feats is None:
+        feats = {k: v.cpu() for k, v in extract_features(images, extractor, weights, device).items()}
+        _FEATURE_MEMO[key] = feats
+        while len(_FEATURE_MEMO) > FEATURE_MEMO_SIZE:
+            _FEATURE_MEMO.popitem(last=False)
+    else:
+        _FEATURE_MEMO.move_to_end(key)
+    return dict(feats)  # callers may rebind keys; the tensors themselves are only read
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -112,13 +146,31 @@ def _stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
 
 
+def _load_cache(path: Path) -> dict[str, Any] | None:
+    """The blob of a reference cache file, or None after deleting a file that is unreadable or incomplete (an
+    interrupted copy, a disk error, a foreign file): the caller recomputes and rewrites it."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        # random bytes or a foreign pickle: UnpicklingError; a truncated zip: RuntimeError; empty: EOFError
+        first_line = str(err).partition("\n")[0][:120]  # torch's weights-only message runs to paragraphs
+        problem = f"is unreadable ({type(err).__name__}: {first_line})"
+    else:
+        missing = [k for k in CACHE_KEYS if k not in blob] if isinstance(blob, dict) else list(CACHE_KEYS)
+        if not missing and all(torch.is_tensor(blob[k]) for k in ("mu", "sigma")):
+            return blob
+        problem = f"lacks {missing or 'tensor mu/sigma'} (needs {list(CACHE_KEYS)})"
+    log.warning("reference cache %s %s: deleting it and recomputing the statistics", path, problem)
+    path.unlink(missing_ok=True)
+    return None
+
+
 def reference_from_images(images: np.ndarray, name: str, extractor: str, weights: str | None,
                           device: str = "cpu") -> Reference:
     """A Reference from in-memory uint8 N×H×W×3 images (not cached; e.g. a procedurally rendered set)."""
     weights = resolve_weights(extractor, weights)
     check_images(images, f"reference {name}")
-    sha = _hash(hashlib.sha256(np.ascontiguousarray(images).data).hexdigest(), str(images.shape),
-                _extractor_identity(extractor, weights))
+    sha = _hash(_array_sha256(images), str(images.shape), _extractor_identity(extractor, weights))
     feats = extract_features(images, extractor, weights, device)[feature_layers(extractor)["fid"]]
     mu, sigma = _stats(feats)
     return Reference(name, describe_extractor(extractor, weights), sha, mu, sigma, feats, "images")
@@ -141,8 +193,8 @@ def reference_stats(source: str, extractor: str, weights: str | None, cache_dir:
     sha = _hash(content, _extractor_identity(extractor, weights))
     name = describe_extractor(extractor, weights)
     cache_file = Path(cache_dir) / f"reference-{sha}.pt"
-    if cache_file.is_file():
-        c = torch.load(cache_file, map_location="cpu", weights_only=True)
+    c = _load_cache(cache_file) if cache_file.is_file() else None
+    if c is not None:
         log.info("reference stats of %s loaded from cache %s", source, cache_file)
         return Reference(source, name, sha, c["mu"].numpy(), c["sigma"].numpy(), c.get("features"),
                          c["stats_from"])
@@ -185,12 +237,111 @@ def reference_stats(source: str, extractor: str, weights: str | None, cache_dir:
     return Reference(source, name, sha, mu, sigma, features, stats_from)
 
 
-def _weighted_stats(features: torch.Tensor, counts: np.ndarray) -> dict[str, np.ndarray]:
+def _weighted_moments(features: torch.Tensor, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     # A resample with replacement = frequency weights: same mean/cov as the materialised resample, cheaper.
     w = torch.from_numpy(counts).to(features.device)
     mu = (features * w[:, None].to(features.dtype)).sum(0) / w.sum()
-    sigma = torch.cov(features.T, fweights=w)
+    return mu, torch.cov(features.T, fweights=w)
+
+
+def _weighted_stats(features: torch.Tensor, counts: np.ndarray) -> dict[str, np.ndarray]:
+    mu, sigma = _weighted_moments(features, counts)
     return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}
+
+
+class _FrechetToReference:
+    """FID of resampled statistics against fixed reference statistics, for the bootstrap.
+
+    tr sqrt(S_g S_r) = tr sqrt(A S_g A) with A = S_r^½ (the two products are similar), and A S_g A is
+    symmetric positive semi-definite: one `eigvalsh` per resample instead of torch-fidelity's general
+    `eigvals` of S_g S_r, the same number up to round-off (~4× faster, no complex round-off at n < D). In
+    torch, on the features' device: numpy's BLAS threads fight torch's spinning ones between the two."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray, device: torch.device | str = "cpu"):
+        w, v = torch.linalg.eigh(torch.from_numpy(sigma).double().to(device))
+        self.half = (v * w.clamp(min=0).sqrt()) @ v.T  # negative eigenvalues are round-off of zeros
+        self.mu, self.trace = torch.from_numpy(mu).double().to(device), float(np.trace(sigma))
+
+    def __call__(self, mu: torch.Tensor, sigma: torch.Tensor) -> float:
+        diff = mu - self.mu
+        tr_covmean = torch.linalg.eigvalsh(self.half @ sigma @ self.half).clamp(min=0).sqrt().sum()
+        return float(diff.dot(diff) + sigma.trace() + self.trace - 2 * tr_covmean)
+
+
+def _kid_draws(n: int, m: int, size: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    # kid_features_to_metric's draws: a fresh RandomState(rng_seed), then per subset a generated draw and a
+    # reference draw. Every call restarts the sequence, so a resample with fewer subsets uses a prefix.
+    rng = np.random.RandomState(TF_RNG_SEED)
+    return [(rng.choice(n, size, replace=False), rng.choice(m, size, replace=False)) for _ in range(count)]
+
+
+def _block(kernel: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    # C order, as torch-fidelity's kernels: numpy's float32 row/column sums round differently by layout
+    return np.ascontiguousarray(kernel[rows][:, cols])
+
+
+class _KidKernels:
+    """torch-fidelity's KID (polynomial kernel, unbiased MMD², its own subset draws) with kernels computed once.
+
+    A subset of a resample is a set of rows of the generated features, so its gen-gen and gen-ref kernels are
+    gathered from the full matrices, and the reference's block of each draw is the same in every resample
+    (kept for the first `keep` draws). Gathered entries are the floats torch-fidelity computes: float32 sgemm
+    gives an entry the same bits wherever it sits, except in OpenBLAS's small-matrix path, so subsets below
+    KID_GATHER_MIN recompute their kernels as torch-fidelity does (cheap at that size)."""
+
+    def __init__(self, gen: torch.Tensor, ref: torch.Tensor, size: int, draws: int, keep: int):
+        self.gen, self.ref = gen.cpu().numpy(), ref.cpu().numpy()  # torch-fidelity's dtype (float32)
+        self.draws = _kid_draws(len(gen), len(ref), size, draws)
+        self.gather = size >= KID_GATHER_MIN
+        if self.gather:
+            self.gg, self.gr = kernel_poly(self.gen, self.gen), kernel_poly(self.gen, self.ref)
+        self.keep, self.rr = keep, {}
+
+    def _ref_block(self, s: int, j: np.ndarray) -> np.ndarray:
+        block = self.rr.get(s)
+        if block is None:
+            block = kernel_poly(self.ref[j], self.ref[j])
+            if s < self.keep:
+                self.rr[s] = block
+        return block
+
+    def _mmd(self, s: int, i: np.ndarray, j: np.ndarray) -> float:
+        if not self.gather:
+            return kernel_mmd(self.gen[i], self.ref[j])
+        return mmd2(_block(self.gg, i, i), _block(self.gr, i, j), self._ref_block(s, j))
+
+    def __call__(self, idx: np.ndarray | None, subsets: int) -> dict[str, float]:
+        mmds = np.zeros(subsets)
+        for s, (i, j) in enumerate(self.draws[:subsets]):
+            mmds[s] = self._mmd(s, i if idx is None else idx[i], j)
+        return {"kid_mean": float(np.mean(mmds)), "kid_std": float(np.std(mmds))}
+
+
+class _PrecisionRecall:
+    """torch-fidelity's k-NN precision/recall (metric_prc) with every distance computed once.
+
+    The radius of a sample is the (k+1)-th smallest distance in its row of its own set's distances: the
+    sample itself counts as the first at ~0, and in a resample each duplicate of it counts as another
+    neighbour at that same distance, so duplicates shrink radii. The reference is fixed, so its radii and
+    each generated sample's precision hit are computed once; a resample gathers its gen-gen block (its radii)
+    and its columns of the ref-gen distances. cdist blocks are as torch-fidelity's, so comparisons see the
+    same floats."""
+
+    def __init__(self, gen: torch.Tensor, ref: torch.Tensor, k: int):
+        b = PRC_BATCH_SIZE
+        self.k = k
+        self.gg, self.rg = calc_cdist_full(gen, gen, b), calc_cdist_full(ref, gen, b)
+        ref_radii = torch.cat([calc_cdist_part(r, ref, b).kthvalue(k + 1).values for r in ref.split(b)])
+        self.hit = torch.cat([(calc_cdist_part(g, ref, b) <= ref_radii).any(dim=1).float() for g in gen.split(b)])
+
+    def __call__(self, idx: np.ndarray | None) -> dict[str, float]:
+        t = None if idx is None else torch.from_numpy(idx)
+        gg = self.gg if t is None else self.gg[t][:, t]
+        radii = gg.kthvalue(self.k + 1).values
+        recall = ((self.rg if t is None else self.rg[:, t]) <= radii).any(dim=1).float().mean().item()
+        precision = (self.hit if t is None else self.hit[t]).mean().item()
+        f_score = 2 * precision * recall / max(1e-5, precision + recall)  # torch-fidelity's expression
+        return {"precision": precision, "recall": recall, "f_score": f_score}
 
 
 def _interval(values: list[float], point: float) -> list[float]:
@@ -209,6 +360,45 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _fid_to(reference: Reference, dev: torch.device) -> tuple[dict[str, np.ndarray], _FrechetToReference]:
+    ref_stats = {"mu": reference.mu.astype(np.float64), "sigma": reference.sigma.astype(np.float64)}
+    return ref_stats, _FrechetToReference(ref_stats["mu"], ref_stats["sigma"], dev)
+
+
+def _fid_fn(pool: torch.Tensor, ref_stats: dict[str, np.ndarray],
+            fast: _FrechetToReference) -> Callable[..., dict[str, float]]:
+    # the point is torch-fidelity's fid_statistics_to_metric (the reference number); resamples the fast form
+    pool64 = pool.double().to(fast.mu.device)
+
+    def fid(idx: np.ndarray | None) -> dict[str, float]:
+        if idx is None:
+            mu, sigma = _stats(pool)
+            return {"fid": fid_statistics_to_metric({"mu": mu, "sigma": sigma}, ref_stats, False)[KEY_METRIC_FID]}
+        return {"fid": fast(*_weighted_moments(pool64, np.bincount(idx, minlength=len(pool))))}
+    return fid
+
+
+def _isc_fn(logits: torch.Tensor, splits: int) -> Callable[..., dict[str, float]]:
+    def isc(idx: np.ndarray | None) -> dict[str, float]:
+        f = logits if idx is None else logits[torch.from_numpy(idx)]
+        out = isc_features_to_metric(f, splits, True, TF_RNG_SEED)
+        return {"isc_mean": out["inception_score_mean"], "isc_std": out["inception_score_std"]}
+    return isc
+
+
+def _bootstrap(fns: dict[str, Callable[..., dict[str, float]]], keys: list[str], n: int, bootstrap: int,
+               seed: int) -> dict[str, list[float]]:
+    draws: dict[str, list[float]] = {k: [] for k in keys}
+    rng = np.random.default_rng(seed)
+    for _ in range(bootstrap):
+        idx = rng.integers(0, n, size=n)
+        for fn in fns.values():
+            for k, v in fn(idx).items():
+                if k in draws:
+                    draws[k].append(v)
+    return draws
+
+
 def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str], extractor: str,
           weights: str | None, device: str = "cpu", bootstrap: int = 100, seed: int = 0,
           kid_subsets: int = 100) -> dict[str, Any]:
@@ -220,7 +410,9 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
     Precision/recall resamples rerun the k-NN test, and duplicates in a resample shrink the generated set's
     k-NN radii, so recall's interval leans low. FID is biased upward at small n and a resample holds only
     ~63% distinct images, so when FID is near its finite-sample floor the interval can sit above the value.
-    Cost: each FID resample is one D×D general eigvalue problem (~4 s at D = 2048 on 2 CPU cores).
+    Cost: each FID resample is one D×D symmetric eigenvalue problem (~1 s at D = 2048 on 2 CPU cores, ~3 s
+    for the point's general one; ~10 ms at the project CNN's D = 256). KID and precision/recall resamples gather kernels and distances
+    computed once, which holds n² + n·m floats of each in memory.
     """
     metrics = list(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in QUALITY_METRIC_NAMES]
@@ -238,55 +430,35 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
     m = reference.num_images if reference is not None else None
     settings: dict[str, Any] = {"torch_fidelity": torch_fidelity.__version__, "rng_seed": TF_RNG_SEED}
 
+    t0 = time.perf_counter()
     layers = feature_layers(extractor)
-    feats = extract_features(images, extractor, weights, device)
-    pool, logits = feats[layers["fid"]].cpu(), feats[layers["isc"]].cpu()
+    feats = _features(images, extractor, weights, device)
+    pool, logits = feats[layers["fid"]], feats[layers["isc"]]
     ref = reference.features.cpu() if reference is not None and reference.features is not None else None
     dev = torch.device(device)
+    t1 = time.perf_counter()
 
-    # One closure per metric: features (or counts for FID) -> {key: value}; run on the full set and resamples.
-    fns: dict[str, Any] = {}
+    # One closure per metric: resample indices (None: the full set) -> {key: value}.
+    fns: dict[str, Callable[..., dict[str, float]]] = {}
     if "fid" in metrics:
         _require(n >= 2, f"FID needs at least 2 generated images, got {n}")
         _require(pool.shape[1] == len(reference.mu), f"features are {pool.shape[1]}-d but reference mu is "
                  f"{len(reference.mu)}-d")
-        ref_stats = {"mu": reference.mu.astype(np.float64), "sigma": reference.sigma.astype(np.float64)}
-        pool64 = pool.double().to(dev)
         settings["fid_stats_from"] = reference.stats_from
-
-        def fid(idx: np.ndarray | None) -> dict[str, float]:
-            if idx is None:
-                mu, sigma = _stats(pool)
-                stats = {"mu": mu, "sigma": sigma}
-            else:
-                stats = _weighted_stats(pool64, np.bincount(idx, minlength=n))
-            return {"fid": fid_statistics_to_metric(stats, ref_stats, False)[KEY_METRIC_FID]}
-        fns["fid"] = fid
+        fns["fid"] = _fid_fn(pool, *_fid_to(reference, dev))
     if "kid" in metrics:
         _require(ref is not None, f"KID needs reference images; {reference.source} holds only mu/sigma")
         subset = min(1000, n, m)
         _require(subset >= 2, f"KID needs at least 2 images per set (generated {n}, reference {m})")
-        settings.update(kid_subset_size=subset, kid_subsets=kid_subsets,
-                        kid_bootstrap_subsets=min(kid_subsets, KID_BOOTSTRAP_SUBSETS))
-
-        def kid(idx: np.ndarray | None) -> dict[str, float]:
-            f = pool if idx is None else pool[torch.from_numpy(idx)]
-            out = kid_features_to_metric(f, ref, kid_subsets=kid_subsets if idx is None else
-                                         settings["kid_bootstrap_subsets"], kid_subset_size=subset,
-                                         rng_seed=TF_RNG_SEED, verbose=False)
-            return {"kid_mean": out["kernel_inception_distance_mean"],
-                    "kid_std": out["kernel_inception_distance_std"]}
-        fns["kid"] = kid
+        boot_subsets = min(kid_subsets, KID_BOOTSTRAP_SUBSETS)
+        settings.update(kid_subset_size=subset, kid_subsets=kid_subsets, kid_bootstrap_subsets=boot_subsets)
+        kernels = _KidKernels(pool, ref, subset, max(kid_subsets, boot_subsets), boot_subsets)
+        fns["kid"] = lambda idx: kernels(idx, kid_subsets if idx is None else boot_subsets)
     if "isc" in metrics:
         splits = min(10, n // 2)
         _require(splits >= 1, f"IS needs at least 2 generated images, got {n}")
         settings["isc_splits"] = splits
-
-        def isc(idx: np.ndarray | None) -> dict[str, float]:
-            f = logits if idx is None else logits[torch.from_numpy(idx)]
-            out = isc_features_to_metric(f, splits, True, TF_RNG_SEED)
-            return {"isc_mean": out["inception_score_mean"], "isc_std": out["inception_score_std"]}
-        fns["isc"] = isc
+        fns["isc"] = _isc_fn(logits, splits)
     if "prc" in metrics:
         _require(ref is not None, f"precision/recall need reference images; {reference.source} holds only "
                  "mu/sigma")
@@ -294,42 +466,32 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
                  f"{PRC_NEIGHBORHOOD} need more than {PRC_NEIGHBORHOOD} images per set (generated {n}, "
                  f"reference {m})")
         settings["prc_neighborhood"] = PRC_NEIGHBORHOOD
-        pool_dev, ref_dev = pool.to(dev), ref.to(dev)
-
-        def prc(idx: np.ndarray | None) -> dict[str, float]:
-            f = pool_dev if idx is None else pool_dev[torch.from_numpy(idx).to(dev)]
-            return prc_features_to_metric(f, ref_dev, prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000,
-                                          save_cpu_ram=True, verbose=False)
-        fns["prc"] = prc
+        fns["prc"] = _PrecisionRecall(pool.to(dev), ref.to(dev), PRC_NEIGHBORHOOD)
 
     out: dict[str, Any] = {}
     for fn in fns.values():
         out.update(fn(None))
     interval_keys = [k for k in out if not k.endswith("_std")]
-    draws: dict[str, list[float]] = {k: [] for k in interval_keys}
-    rng = np.random.default_rng(seed)
-    for _ in range(bootstrap):
-        idx = rng.integers(0, n, size=n)
-        for fn in fns.values():
-            for k, v in fn(idx).items():
-                if k in draws:
-                    draws[k].append(v)
+    t2 = time.perf_counter()
+    draws = _bootstrap(fns, interval_keys, n, bootstrap, seed)
     for k in interval_keys:
         out[f"{k}_ci95"] = _interval(draws[k], out[k]) if bootstrap > 0 else None
+    t3 = time.perf_counter()
 
     out.update(num_samples=n, num_reference=m, extractor=name,
                extractor_weights_sha256=weights_sha256(weights),
                reference=reference.source if reference is not None else None,
                reference_stats_sha=reference.sha256 if reference is not None else None,
-               bootstrap=bootstrap, seed=seed, settings=settings)
-    log.info("quality of %d images (%s): %s", n, name,
-             ", ".join(f"{k}={out[k]:.4g}" for k in interval_keys))
+               bootstrap=bootstrap, seed=seed, settings=settings,
+               eval_seconds={"features": t1 - t0, "point": t2 - t1, "bootstrap": t3 - t2})
+    log.info("quality of %d images (%s): %s (%.1f s)", n, name,
+             ", ".join(f"{k}={out[k]:.4g}" for k in interval_keys), t3 - t0)
     return out
 
 
 def fid_difference(images: np.ndarray, baseline: np.ndarray, reference: Reference, extractor: str,
                    weights: str | None, device: str = "cpu", bootstrap: int = 100, seed: int = 0) -> dict[str, Any]:
-    """FID(images) − FID(baseline) with a paired-bootstrap 95% interval.
+    """FID(images) − FID(baseline) with a paired-bootstrap 95% interval, and `eval_seconds` as in `score`.
 
     Image i of both sets comes from the same seed and label, so each resample draws the same indices from
     both and the difference's interval leaves out the spread the two sets share (which labels, which seeds).
@@ -344,20 +506,20 @@ def fid_difference(images: np.ndarray, baseline: np.ndarray, reference: Referenc
     name = describe_extractor(extractor, weights)
     _require(reference.extractor == name, f"reference {reference.source} was computed with "
              f"{reference.extractor}, not {name}: recompute it with the same extractor and weights")
+    t0 = time.perf_counter()
     layer = feature_layers(extractor)["fid"]
-    ref_stats = {"mu": reference.mu.astype(np.float64), "sigma": reference.sigma.astype(np.float64)}
-    pools = [extract_features(x, extractor, weights, device)[layer].cpu() for x in (images, baseline)]
-
-    def fid(stats: dict[str, np.ndarray]) -> float:
-        return fid_statistics_to_metric(stats, ref_stats, False)[KEY_METRIC_FID]
-
-    full = [dict(zip(("mu", "sigma"), _stats(pool))) for pool in pools]  # as `score` computes its point
-    point = fid(full[0]) - fid(full[1])
-    pools = [pool.double() for pool in pools]
+    pools = [_features(x, extractor, weights, device)[layer] for x in (images, baseline)]
+    t1 = time.perf_counter()
+    ref_stats, fast = _fid_to(reference, torch.device(device))  # one eigh of the reference for both sets
+    fids = [_fid_fn(pool, ref_stats, fast) for pool in pools]
+    point = fids[0](None)["fid"] - fids[1](None)["fid"]  # as `score` computes its point
+    t2 = time.perf_counter()
     n = len(images)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(bootstrap):
-        counts = np.bincount(rng.integers(0, n, size=n), minlength=n)
-        draws.append(fid(_weighted_stats(pools[0], counts)) - fid(_weighted_stats(pools[1], counts)))
-    return {"fid_delta": point, "fid_delta_ci95": _interval(draws, point) if bootstrap > 0 else None}
+        idx = rng.integers(0, n, size=n)
+        draws.append(fids[0](idx)["fid"] - fids[1](idx)["fid"])
+    ci95 = _interval(draws, point) if bootstrap > 0 else None
+    return {"fid_delta": point, "fid_delta_ci95": ci95,
+            "eval_seconds": {"features": t1 - t0, "point": t2 - t1, "bootstrap": time.perf_counter() - t2}}

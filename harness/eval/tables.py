@@ -4,18 +4,26 @@ One table per record kind (speed: a row per cell and batch size; quality: a row 
 consistency against the baseline beside it), headers with ↑/↓ from the metrics registry, values as
 `p50 ± IQR` or `value [95% interval]`, and a provenance footer naming every git sha, device, torch version,
 weights and extractor behind the numbers. CSV export gives the raw numbers, one column per metric.
+
+Every row carries the model's `params` (quality rows take it from their cell's speed record) and a speed row's
+engine precision is `dtype`, so that it never shares a CSV column with the quality metric `precision`. Quality
+rows name the `reference` they were scored against: two rows against different references never look alike.
+`cell_rows` joins the speed (largest batch), quality and consistency records of each cell into one row of
+numbers, which is what `varbench fit` fits when no single record holds both of its columns.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import PurePath
 from typing import Any
 
 from tabulate import tabulate
 
 from .metrics import metrics_for
 
-__all__ = ["results_table", "latest"]
+__all__ = ["results_table", "latest", "cell_rows", "cell_key"]
 
 
 def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -34,6 +42,41 @@ def _label(r: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def cell_key(r: dict[str, Any]) -> str:
+    """What identifies a record's cell across its speed, quality and consistency records."""
+    cell = r.get("cell")
+    return json.dumps(cell, sort_keys=True, default=str) if cell else str(r.get("label"))
+
+
+def _cell_label(r: dict[str, Any]) -> str:
+    if r.get("label"):
+        return str(r["label"])
+    cell = r.get("cell", {})
+    return f"{cell.get('variant', '?')} {cell.get('kv_policy', 'full')}"
+
+
+def _speed_by_cell(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each cell's speed record at its largest batch (the one a frontier or a scaling fit reads)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r.get("kind") != "speed":
+            continue
+        batch = r.get("metrics", {}).get("batch_size") or 0
+        key = cell_key(r)
+        if key not in best or batch >= (best[key].get("metrics", {}).get("batch_size") or 0):
+            best[key] = r
+    return best
+
+
+def _reference_names(quality: list[dict[str, Any]]) -> dict[str, str]:
+    """A short name per reference (its file name), with its statistics' hash where two share a name."""
+    refs = {str(q.get("reference")): q.get("reference_stats_sha") for r in quality
+            if (q := r.get("quality", {})).get("reference") is not None}
+    names = {ref: PurePath(ref).name or ref for ref in refs}
+    clash = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {ref: f"{name} ({(refs[ref] or '?')[:8]})" if name in clash else name for ref, name in names.items()}
+
+
 def _columns(records: list[dict[str, Any]], kind: str) -> list:
     return [s for s in metrics_for(kind) if any(s(r["metrics"])[0] is not None for r in records)]
 
@@ -44,7 +87,8 @@ def _speed_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, Any]
     rows = []
     for r in speed:
         m = r["metrics"]
-        row = {**_label(r), "batch": m.get("batch_size", r.get("batch_size")), "precision": m.get("precision")}
+        row = {**_label(r), "batch": m.get("batch_size", r.get("batch_size")), "dtype": m.get("precision"),
+               "params": m.get("params")}
         for s in cols:
             row[s.name if raw else s.header] = s(m)[0] if raw else s.format(m)
         rows.append(row)
@@ -55,14 +99,59 @@ def _quality_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, An
     quality = [r for r in records if r.get("kind") == "quality"]
     consistency = {r["label"]: r for r in records if r.get("kind") == "consistency" and "label" in r}
     cols = _columns(quality, "quality") + _columns(list(consistency.values()), "consistency")
+    speed = _speed_by_cell(records)
+    references = _reference_names(quality)
     rows = []
     for r in quality:
         both = {**r["metrics"], **consistency.get(r.get("label"), {}).get("metrics", {})}
-        row = {**_label(r), "samples": r.get("num_samples", r["metrics"].get("num_samples"))}
+        reference = r.get("quality", {}).get("reference")
+        row = {**_label(r), "params": speed.get(cell_key(r), {}).get("metrics", {}).get("params"),
+               "reference": references.get(str(reference), "n/a") if reference is not None else "n/a",
+               "samples": r.get("num_samples", r["metrics"].get("num_samples"))}
         for s in cols:
             row[s.name if raw else s.header] = s(both)[0] if raw else s.format(both)
         rows.append(row)
     return rows
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+def cell_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell: `cell` (its label), `variant`, `kv_policy`, its sweep values, and every scalar metric of
+    its speed (largest batch), quality and consistency records as `speed.<key>`, `quality.<key>` and
+    `consistency.<key>`, also as plain `<key>` where only one kind has that key (speed's `precision` is `dtype`).
+    """
+    records = latest(r for r in records if isinstance(r, dict))
+    speed = _speed_by_cell(records)
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        kind, key = r.get("kind"), cell_key(r)
+        if kind not in ("speed", "quality", "consistency") or (kind == "speed" and speed.get(key) is not r):
+            continue
+        cell = r.get("cell", {})
+        row = rows.setdefault(key, {"cell": _cell_label(r), "variant": cell.get("variant"),
+                                    "kv_policy": cell.get("kv_policy", "full"), **(cell.get("sweep") or {}),
+                                    "_kinds": {}})
+        metrics = _scalars(r.get("metrics", {}))
+        if kind == "speed" and "precision" in metrics:
+            metrics["dtype"] = metrics.pop("precision")
+        row["_kinds"][kind] = metrics
+    return [_flatten_kinds(row) for row in rows.values()]
+
+
+def _flatten_kinds(row: dict[str, Any]) -> dict[str, Any]:
+    kinds: dict[str, dict[str, Any]] = row.pop("_kinds")
+    owners: dict[str, list[str]] = {}
+    for kind, metrics in kinds.items():
+        for k, v in metrics.items():
+            row[f"{kind}.{k}"] = v
+            owners.setdefault(k, []).append(kind)
+    for k, who in owners.items():
+        if len(who) == 1 and k not in row:
+            row[k] = kinds[who[0]][k]
+    return row
 
 
 def _footer(records: list[dict[str, Any]]) -> list[str]:

@@ -2,13 +2,17 @@
 
 Warm-up runs (compilation, graph capture, allocator growth) are excluded; each timed repeat is one full
 generation with the VAE decode timed apart, because papers differ on whether they include it (CoDe's table
-excludes it, the VAR zoo timings include it). Medians and IQRs, never a mean alone.
+excludes it, the VAR zoo timings include it). Medians and IQRs, never a mean alone. A batch the device cannot
+hold raises BatchTooLargeError (a ValueError) naming the batch and a size that may fit, not the allocator's
+traceback.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +22,52 @@ from varbench.harness.core.measure import MemoryMeter, RegionTimer, p50_iqr, pea
 from varbench.harness.core.sampling import SampleConfig
 from varbench.variants.vqvae import decode_flops as vae_decode_flops  # noqa: F401  (re-exported)
 
-__all__ = ["bench_variant", "vae_decode_flops"]
+__all__ = ["bench_variant", "vae_decode_flops", "BatchTooLargeError"]
+
+_OOM = re.compile(r"out of memory|can't allocate|cannot allocate|DefaultCPUAllocator", re.IGNORECASE)
+
+
+class BatchTooLargeError(ValueError):
+    """A batch the device's memory cannot hold."""
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or bool(_OOM.search(str(err)))
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _smaller_batch(batch: int, message: str, device: torch.device) -> int:
+    """A batch that may fit: from the failed request's size per image and the memory available (half of it,
+    other buffers live too), else a quarter of the batch."""
+    tried = re.search(r"allocate (\d+) bytes", message)
+    free = _available_bytes(device)
+    if tried and free and int(tried.group(1)) > 0:
+        return max(1, min(batch - 1, int(free / 2 / (int(tried.group(1)) / batch))))
+    return max(1, batch // 4)
+
+
+def _generate(variant: Variant, labels: torch.Tensor, sampling: SampleConfig, **kwargs: Any):
+    """`generate`, with an allocator failure turned into a message naming the batch and a size that may fit."""
+    try:
+        return generate(variant, labels, sampling, **kwargs)
+    except (RuntimeError, MemoryError) as err:
+        if not _is_oom(err):
+            raise
+        batch, device = len(labels), labels.device
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BatchTooLargeError(f"batch {batch} does not fit in {device.type} memory ({first}); try a smaller "
+                                 f"batch, e.g. {_smaller_batch(batch, str(err), device)}") from None
 
 
 def bench_variant(variant: Variant, batch: int, sampling: SampleConfig = SampleConfig(), warmup: int = 1,
@@ -28,7 +77,7 @@ def bench_variant(variant: Variant, batch: int, sampling: SampleConfig = SampleC
     labels = torch.arange(batch, device=device) % variant.num_classes
     t0 = time.perf_counter()
     for i in range(warmup):
-        generate(variant, labels, sampling, g_seed=seed + i)
+        _generate(variant, labels, sampling, g_seed=seed + i)
     if device.type == "cuda":
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
@@ -39,7 +88,7 @@ def bench_variant(variant: Variant, batch: int, sampling: SampleConfig = SampleC
     for r in range(repeats):
         timer = RegionTimer(device)
         with timer.region("total"):
-            gen = generate(variant, labels, sampling, g_seed=seed + r, timer=timer.region)
+            gen = _generate(variant, labels, sampling, g_seed=seed + r, timer=timer.region)
         ms = timer.elapsed_ms()
         totals.append(ms["total"][0])
         decodes.append(ms["decode"][0])

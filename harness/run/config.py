@@ -97,13 +97,24 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if not self.variants:
-            raise ValueError("study.variants is empty: name at least one variant")
+            raise ValueError("study.variants is empty: name at least one variant (`varbench list` shows them)")
+        if not self.kv_policies:
+            raise ValueError("study.kv_policies is empty: name at least one KV policy, e.g. [\"full\"] "
+                             "(the whole cache)")
+        if self.speed is None and self.quality is None:
+            raise ValueError("nothing to measure: speed and quality are both off; keep a [speed] or a [quality] "
+                             "table (or drop `speed = false` / `quality = false`)")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (torch's default) or a thread count >= 1, got {self.threads}")
         if self.quality is not None:
             bad = [m for m in self.quality.metrics if m not in QUALITY_METRICS]
             if bad:
                 raise ValueError(f"unknown quality metric(s) {bad}; valid: {list(QUALITY_METRICS)}")
             if self.quality.num_samples < 1 or self.quality.block_size < 1:
                 raise ValueError("quality.num_samples and quality.block_size must be >= 1")
+            if self.quality.bootstrap < 0:
+                raise ValueError(f"quality.bootstrap must be 0 (no intervals) or a number of resamples >= 1, "
+                                 f"got {self.quality.bootstrap}")
         if self.speed is not None and (not self.speed.batch_sizes or min(self.speed.batch_sizes) < 1
                                        or self.speed.repeats < 1 or self.speed.warmup < 0):
             raise ValueError("speed.batch_sizes must be >= 1, speed.repeats >= 1 and speed.warmup >= 0")

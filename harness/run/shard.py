@@ -29,7 +29,7 @@ from varbench.harness.core.loop import generate
 from varbench.harness.core.sampling import SampleConfig
 
 __all__ = ["SEED_STRIDE", "REPORT_PREFIX", "init_distributed", "barrier", "is_main", "block_seed",
-           "shard_path", "sample_shards", "merge_shards", "main"]
+           "shard_path", "sample_shards", "merge_shards", "load_merged", "CorruptSamplesError", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,21 +213,80 @@ def merge_shards(out_dir: Path, num_samples: int, block_size: int) -> Path:
     return path
 
 
+class CorruptSamplesError(ValueError):
+    """A merged samples file that cannot be read and cannot be rebuilt from its shards."""
+
+
+def _read_merged(path: Path, expected: int | None) -> np.ndarray:
+    """arr_0 of a merged file, read fully (zip CRCs checked) and checked to be N x H x W x 3 uint8 images."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError("the file does not exist") from None
+    except Exception:  # numpy's own message would suggest allow_pickle, which is never the fix here
+        raise ValueError("not an .npz archive (random bytes, a file cut short, or another format)") from None
+    with archive as z:
+        if "arr_0" not in z.files:
+            raise ValueError(f"no arr_0 array (arrays: {z.files})")
+        try:
+            images = z["arr_0"]
+        except Exception as err:  # a bad CRC, a cut member, a zlib error
+            raise ValueError(f"its arr_0 is damaged ({type(err).__name__}: {err})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+        raise ValueError(f"arr_0 is {images.dtype} of shape {images.shape}, not N x H x W x 3 uint8 images")
+    if expected is not None and len(images) != expected:
+        raise ValueError(f"it holds {len(images)} images, not the {expected} expected")
+    return images
+
+
+def _remerge(path: Path, expected: int | None) -> np.ndarray:
+    """Merges `<path without .npz>/`'s shards into `path` again and reads the result."""
+    shard_dir = path.with_suffix("")
+    if not (shard_dir / _MANIFEST).is_file():
+        raise ValueError(f"no shard folder {shard_dir} to merge it from")
+    manifest = json.loads((shard_dir / _MANIFEST).read_text())
+    merge_shards(shard_dir, manifest["num_samples"], manifest["block_size"])
+    return _read_merged(path, expected)
+
+
+def load_merged(path: str | os.PathLike, expected: int | None = None) -> np.ndarray:
+    """The images (arr_0, N x H x W x 3 uint8) of a merged samples file `<shard folder>.npz`, N = `expected`
+    when given. A missing, unreadable or wrong file is merged again from its shard folder when that still
+    holds every block; otherwise CorruptSamplesError names the file and says to delete it to sample again."""
+    path = Path(path)
+    try:
+        return _read_merged(path, expected)
+    except ValueError as err:
+        problem = str(err)
+    try:
+        images = _remerge(path, expected)
+    except Exception as err:  # missing or corrupt shards, a foreign manifest: all mean "sample again"
+        raise CorruptSamplesError(f"merged samples file {path} is unusable: {problem}; it cannot be rebuilt: "
+                                  f"{err}. Delete {path} to sample again") from None
+    logger.warning("merged samples file %s was unusable (%s); merged it again from its shards", path, problem)
+    return images
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m varbench.harness.run.shard", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", required=True, help="registered variant name (e.g. test_var, var_d16)")
-    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--num-samples", type=int, required=True, help="images to generate in all")
     p.add_argument("--block-size", type=int, default=25, help="samples per block (one generate call)")
     p.add_argument("--out", type=Path, required=True, help="shard folder; the merged file is <out>.npz")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="run seed; block b uses g_seed seed*1000003 + b*block_size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (default: torch's)")
-    p.add_argument("--cfg", type=float, default=SampleConfig.cfg)
-    p.add_argument("--top-k", type=int, default=SampleConfig.top_k)
-    p.add_argument("--top-p", type=float, default=SampleConfig.top_p)
+    p.add_argument("--cfg", type=float, default=SampleConfig.cfg, help="classifier-free guidance scale")
+    p.add_argument("--top-k", type=int, default=SampleConfig.top_k, help="top-k filter (0: off)")
+    p.add_argument("--top-p", type=float, default=SampleConfig.top_p, help="top-p filter (0: off)")
     p.add_argument("--no-merge", action="store_true", help="only write shards")
     p.add_argument("--progress", action="store_true", help="progress bar on rank 0")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # bad sampling settings are a usage error, named before any process group or model starts
+        args.sampling = SampleConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,8 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = f"cuda:{torch.cuda.current_device()}"
     try:
         variant = create_variant(args.variant, device=device)
-        sampling = SampleConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-        done = sample_shards(variant, args.out, args.num_samples, args.block_size, args.seed, sampling,
+        done = sample_shards(variant, args.out, args.num_samples, args.block_size, args.seed, args.sampling,
                              rank=rank, world=world, progress=args.progress)
         barrier()
         merged = None

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from varbench.harness.eval.synthetic import make_dataset
 from .data import FolderData, MemoryData, scan_folder
+from .progress import bar
 
 if TYPE_CHECKING:
     from .steps import ModelSizes
@@ -56,9 +57,17 @@ def step_generator(cfg: TrainConfig, step: int, rank: int = -1) -> torch.Generat
     return torch.Generator().manual_seed((cfg.seed * _SEED_STRIDE + step) * 1024 + rank + 1)
 
 
-def _images(cfg: TrainConfig, heldout: bool) -> tuple[Tensor, Tensor]:
+def _images(cfg: TrainConfig, heldout: bool, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """The synthetic split, rendered in chunks (image i depends on its global index only, so chunks change
+    nothing) to show progress: 10,000 images take several seconds on a CPU."""
     n, start = (cfg.num_heldout, HELDOUT_START) if heldout else (cfg.num_train, 0)
-    images, labels = make_dataset(n, seed=cfg.data_seed, size=64, start=start)
+    images, labels = np.empty((n, 64, 64, 3), np.uint8), np.empty(n, np.int64)
+    with bar(n, f"render {'held-out' if heldout else 'training'} images", "img", progress) as shown:
+        def render(sl: slice) -> None:
+            images[sl], labels[sl] = make_dataset(sl.stop - sl.start, seed=cfg.data_seed, size=64,
+                                                  start=start + sl.start)
+            shown.update(sl.stop - sl.start)
+        _batched(render, n, 1000)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -75,8 +84,9 @@ def _synthetic_indices(cfg: TrainConfig) -> Callable[[int], Tensor]:
 def _data(cfg: TrainConfig, sizes: ModelSizes, rank: int, world: int) -> tuple[Data, dict[str, Any]]:
     """The images and what the summary says about them: the synthetic set in memory, or the --data folder."""
     if not cfg.data:
-        images, labels = _images(cfg, heldout=False)
-        held_images, held_labels = _images(cfg, heldout=True)
+        progress = cfg.progress and rank == 0
+        images, labels = _images(cfg, heldout=False, progress=progress)
+        held_images, held_labels = _images(cfg, heldout=True, progress=progress)
         return MemoryData(images, labels, held_images, held_labels, _synthetic_indices(cfg), rank, world), {}
     index = scan_folder(cfg.data)
     if len(index.classes) > sizes.num_classes:
@@ -151,12 +161,13 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
     ends = np.cumsum([p * p for p in pn])[:-1].tolist()
 
     @torch.no_grad()
-    def tokenize(imgs: Tensor) -> Tensor:
+    def tokenize(imgs: Tensor, split: str) -> Tensor:  # minutes on a CPU for the zoo's 10,000 images
         out = torch.empty(len(imgs), seq_len, dtype=torch.long)
-
-        def enc(sl: slice) -> None:
-            out[sl] = torch.cat(vae.encode_tokens(T.images_to_tensor(imgs[sl]).to(device), pn), dim=1).cpu()
-        _batched(enc, len(imgs))
+        with bar(len(imgs), f"tokenize {split} images", "img", cfg.progress and rank == 0) as shown:
+            def enc(sl: slice) -> None:
+                out[sl] = torch.cat(vae.encode_tokens(T.images_to_tensor(imgs[sl]).to(device), pn), dim=1).cpu()
+                shown.update(sl.stop - sl.start)
+            _batched(enc, len(imgs))
         return out
 
     @torch.no_grad()
@@ -164,8 +175,8 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
         return torch.cat(vae.encode_tokens(T.images_to_tensor(images.to(device)), pn), dim=1)
 
     if isinstance(data, MemoryData):
-        data = MemoryData(tokenize(data.x), data.labels, tokenize(data.held_x), data.held_labels, data.indices,
-                          rank, world)
+        data = MemoryData(tokenize(data.x, "training"), data.labels, tokenize(data.held_x, "held-out"),
+                          data.held_labels, data.indices, rank, world)
         tokens = _TokenData(data, lambda t: t.to(device), ends, device)
     else:
         tokens = _TokenData(data, encode, ends, device)

@@ -1,0 +1,90 @@
+"""Results tables: the engine precision apart from the quality metric `precision`, a `params` column on every row,
+the reference each quality row was scored against, and cells joined for fits (issue 13, items 3 and 14)."""
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from varbench.harness.eval.tables import cell_rows, results_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _record(kind: str, variant: str, metrics: dict, policy: str = "full", **extra) -> dict:
+    cell = {"variant": variant, "kv_policy": policy, "variant_args": {}, "kv_args": {}, "sweep": {}}
+    return {"kind": kind, "cell": cell, "label": f"{variant} {policy}", "metrics": metrics,
+            "config_hash": f"{kind}-{variant}-{policy}-{metrics.get('batch_size')}-{extra.get('tag')}", **extra}
+
+
+def _speed(variant: str, params: int, batch: int, ips: float) -> dict:
+    return _record("speed", variant, {"params": params, "batch_size": batch, "precision": "fp32", "images_per_s": ips})
+
+
+def _quality(variant: str, fid: float, reference: str, stats_sha: str, policy: str = "full") -> dict:
+    return _record("quality", variant, {"fid": fid, "precision": 0.22, "recall": 0.4}, policy, tag=reference,
+                   quality={"reference": reference, "reference_stats_sha": stats_sha})
+
+
+RECORDS = [_speed("a", 1000, 2, 5.0), _speed("a", 1000, 8, 9.0), _speed("b", 4000, 8, 3.0),
+           _quality("a", 30.0, "/cache/x/synthetic_64px.npz", "aaaa1111"),
+           _quality("b", 20.0, "/cache/x/synthetic_64px.npz", "aaaa1111")]
+
+
+def _csv(records: list[dict]) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(results_table(records, "csv")))
+
+
+def test_csv_gives_the_engine_precision_its_own_column_and_every_row_its_params():
+    frame = _csv(RECORDS)
+    speed, quality = frame[frame.table == "speed"], frame[frame.table == "quality"]
+    assert list(speed.dtype) == ["fp32"] * 3 and quality.dtype.isna().all()
+    assert list(quality.precision) == [0.22, 0.22] and speed.precision.isna().all()  # one meaning per column
+    assert list(speed.params) == [1000, 1000, 4000]
+    assert list(quality.params) == [1000, 4000]  # from the cell's speed record
+
+
+def test_quality_rows_show_the_reference_they_were_scored_against():
+    other = _quality("a", 31.0, "/cache/x/synthetic_8px.npz", "bbbb2222", policy="streaming")
+    text = results_table(RECORDS + [other])
+    quality = text.split("Quality")[1]
+    header = quality.splitlines()[2]
+    assert "| reference " in header
+    rows = {line.split("|")[2].strip(): line for line in quality.splitlines() if line.startswith("| a ")}
+    assert "synthetic_64px.npz" in rows["full"] and "synthetic_8px.npz" in rows["streaming"]
+    assert "/cache/x" not in quality.split("\n- ")[0]  # the row shows a name, not the author's cache path
+    assert list(_csv(RECORDS + [other]).dropna(subset=["fid"]).reference) == [
+        "synthetic_64px.npz", "synthetic_64px.npz", "synthetic_8px.npz"]
+
+
+def test_two_references_of_one_file_name_are_told_apart_by_their_statistics():
+    clash = _quality("a", 31.0, "/elsewhere/synthetic_64px.npz", "cccc3333", policy="streaming")
+    refs = list(_csv(RECORDS + [clash]).dropna(subset=["fid"]).reference)
+    assert refs == ["synthetic_64px.npz (aaaa1111)", "synthetic_64px.npz (aaaa1111)", "synthetic_64px.npz (cccc3333)"]
+
+
+def test_cell_rows_join_speed_at_the_largest_batch_with_quality():
+    rows = {r["cell"]: r for r in cell_rows(RECORDS)}
+    assert set(rows) == {"a full", "b full"}
+    a = rows["a full"]
+    assert a["params"] == 1000 and a["fid"] == 30.0 and a["images_per_s"] == 9.0 and a["batch_size"] == 8
+    assert a["precision"] == 0.22 and a["dtype"] == "fp32"  # quality's precision; speed's is dtype
+    assert a["speed.images_per_s"] == 9.0 and a["quality.fid"] == 30.0
+
+
+def test_the_shipped_default_table_as_csv():
+    records = [json.loads(line) for line in (REPO / "results/default_zoo/records.jsonl").read_text().splitlines()]
+    frame = _csv(records)
+    speed, quality = frame[frame.table == "speed"], frame[frame.table == "quality"]
+    assert set(speed.dtype) == {"fp32"} and quality.precision.between(0, 1).all()
+    params = dict(zip(speed.variant + " " + speed["KV policy"], speed.params))
+    assert dict(zip(quality.variant + " " + quality["KV policy"], quality.params)) == params
+    assert params["var_zoo_d5 full"] == 2479737
+    assert set(quality.reference) == {"synthetic_64px_1000_seed20251123.npz"}
+
+
+def test_unknown_format_is_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown table format 'xls'; valid: md, csv"):
+        results_table(RECORDS, "xls")
