@@ -97,7 +97,7 @@ def test_study_tables_and_keys_that_match_nothing_fail_before_any_measurement(tm
 
 
 def test_a_table_for_a_registered_name_the_study_leaves_out_only_warns(caplog, monkeypatch):
-    import varbench.harness.run.study as study_module
+    import varbench.harness.run.cells as study_module
 
     monkeypatch.setattr(study_module, "_WARNED", set())  # each warning is said once per process
     # the default study's [kv_args.streaming] under `--set kv_policies=['full']`: valid, but unused

@@ -14,6 +14,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from varbench.harness.eval import extractors as ex
 from varbench.harness.eval import quality as q
 from varbench.harness.eval.quality import reference_from_images, reference_stats, score
+from varbench.harness.eval.resampling import weighted_stats
 
 CNN = ex.PROJECT_CNN
 W = ex.RANDOM_INIT  # the untrained seeded init: these tests compare maths, not the zoo classifier
@@ -113,7 +114,7 @@ def test_bootstrap_fid_stats_equal_materialised_resample(sets) -> None:
     # the FID bootstrap uses frequency weights instead of copying rows: same mean and covariance
     feats = ex.extract_features(sets["a"], CNN, W)["feat"]
     idx = np.random.default_rng(0).integers(0, len(feats), len(feats))
-    w = q._weighted_stats(feats.double(), np.bincount(idx, minlength=len(feats)))
+    w = weighted_stats(feats.double(), np.bincount(idx, minlength=len(feats)))
     ref = fid_features_to_statistics(feats[torch.from_numpy(idx)].double())
     np.testing.assert_allclose(w["mu"], ref["mu"], rtol=1e-10)
     np.testing.assert_allclose(w["sigma"], ref["sigma"], rtol=1e-9, atol=1e-14)

@@ -16,6 +16,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 
 from varbench.harness.eval import extractors as ex
 from varbench.harness.eval import quality as q
+from varbench.harness.eval import resampling as rs
 from varbench.harness.eval.tables import results_table
 
 CNN, W = ex.PROJECT_CNN, ex.RANDOM_INIT
@@ -41,11 +42,11 @@ def test_fast_fid_equals_torch_fidelity_on_resamples(d: int, n: int, m: int) -> 
     # n < D at 256-d: both covariances (64 samples) or the generated one alone are rank-deficient
     gen, ref = _feats(n, d, 1, shift=0.5), _feats(m, d, 2)
     ref_stats = {k: v.astype(np.float64) for k, v in fid_features_to_statistics(ref).items()}
-    fast = q._FrechetToReference(ref_stats["mu"], ref_stats["sigma"])
+    fast = rs.FrechetToReference(ref_stats["mu"], ref_stats["sigma"])
     pool64 = gen.double()
     values = []
     for idx in _resamples(n, 30):
-        mu, sigma = q._weighted_moments(pool64, np.bincount(idx, minlength=n))
+        mu, sigma = rs.weighted_moments(pool64, np.bincount(idx, minlength=n))
         slow = fid_statistics_to_metric({"mu": mu.numpy(), "sigma": sigma.numpy()}, ref_stats, False)
         assert fast(mu, sigma) == pytest.approx(slow[KEY_METRIC_FID], rel=1e-6)
         values.append(slow[KEY_METRIC_FID])
@@ -58,17 +59,17 @@ def test_score_fid_interval_is_torch_fidelitys_on_every_resample() -> None:
     out = q.score(a, ref, ["fid"], CNN, W, bootstrap=25, seed=7)
     pool = ex.extract_features(a, CNN, W)["feat"]
     ref_stats = {"mu": ref.mu, "sigma": ref.sigma}
-    draws = [fid_statistics_to_metric(q._weighted_stats(pool.double(), np.bincount(idx, minlength=48)),
+    draws = [fid_statistics_to_metric(rs.weighted_stats(pool.double(), np.bincount(idx, minlength=48)),
                                       ref_stats, False)[KEY_METRIC_FID] for idx in _resamples(48, 25, seed=7)]
-    assert out["fid_ci95"] == pytest.approx(q._interval(draws, out["fid"]), rel=1e-6)
+    assert out["fid_ci95"] == pytest.approx(rs.interval(draws, out["fid"]), rel=1e-6)
 
 
 @pytest.mark.parametrize("n, m, size", [(128, 256, 128), (100, 300, 64), (9, 40, 9)])
 def test_kid_from_kernels_computed_once_equals_torch_fidelity(n: int, m: int, size: int) -> None:
     # size 128 and 64 gather the kernels, size 9 recomputes them (OpenBLAS's small-matrix path)
     gen, ref = _feats(n, 256, 3, shift=0.3), _feats(m, 256, 4)
-    kernels = q._KidKernels(gen, ref, size, draws=100, keep=10)
-    assert kernels.gather == (size >= q.KID_GATHER_MIN)
+    kernels = rs.KidKernels(gen, ref, size, draws=100, keep=10)
+    assert kernels.gather == (size >= rs.KID_GATHER_MIN)
 
     def theirs(f: torch.Tensor, subsets: int) -> dict[str, float]:
         out = kid_features_to_metric(f, ref, kid_subsets=subsets, kid_subset_size=size, rng_seed=q.TF_RNG_SEED,
@@ -88,7 +89,7 @@ def test_kid_from_kernels_computed_once_equals_torch_fidelity(n: int, m: int, si
 @pytest.mark.parametrize("n, m, d", [(64, 100, 32), (200, 150, 256), (8, 30, 16)])
 def test_precision_recall_from_distances_computed_once_equals_torch_fidelity(n: int, m: int, d: int) -> None:
     gen, ref = _feats(n, d, 5, shift=0.4), _feats(m, d, 6)
-    prc = q._PrecisionRecall(gen, ref, q.PRC_NEIGHBORHOOD)
+    prc = rs.PrecisionRecall(gen, ref, q.PRC_NEIGHBORHOOD)
 
     def theirs(f: torch.Tensor) -> dict[str, float]:
         return prc_features_to_metric(f, ref, prc_neighborhood=q.PRC_NEIGHBORHOOD, prc_batch_size=10000,
@@ -123,7 +124,7 @@ def test_score_kid_and_prc_intervals_are_torch_fidelitys_on_every_resample() -> 
                                            save_cpu_ram=True, verbose=False).items():
             draws[k].append(v)
     for key, values in draws.items():
-        assert out[f"{key}_ci95"] == pytest.approx(q._interval(values, out[key]), rel=1e-9), key
+        assert out[f"{key}_ci95"] == pytest.approx(rs.interval(values, out[key]), rel=1e-9), key
 
 
 def test_features_are_extracted_once_per_set(monkeypatch) -> None:

@@ -15,7 +15,7 @@ from varbench.harness.eval.synthetic import make_dataset
 from varbench.harness.train import TrainConfig
 from varbench.harness.train.progress import bar
 from varbench.harness.train.tasks import _images
-from varbench.harness.train.trainer import _parser
+from varbench.harness.train.command import _parser
 from varbench.variants.zoo import zoo_dir
 
 TINY = ["--preset", "tiny", "--steps", "1", "--batch-size", "4", "--num-train", "8", "--num-heldout", "4",

@@ -39,11 +39,11 @@ import torch_fidelity
 from PIL import Image
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kernel_mmd, kernel_poly, mmd2
-from torch_fidelity.metric_prc import calc_cdist_full, calc_cdist_part
 
 from varbench.harness.core.hashing import text_sha256
 
+from .resampling import (TF_RNG_SEED, FrechetToReference, KidKernels, PrecisionRecall, bootstrap_draws, interval,
+                         weighted_moments)
 from .extractors import (INCEPTION, PROJECT_CNN, PROJECT_CNN_VERSION, check_images, describe_extractor,
                          extract_features, feature_layers, file_sha256, resolve_weights, weights_sha256)
 
@@ -54,11 +54,8 @@ log = logging.getLogger(__name__)
 
 QUALITY_METRIC_NAMES = ("fid", "kid", "isc", "prc")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-TF_RNG_SEED = 2020  # torch-fidelity's default rng_seed: KID subsets and IS shuffling use it
 PRC_NEIGHBORHOOD = 3
-PRC_BATCH_SIZE = 10000  # torch-fidelity's prc_batch_size default: cdist blocks of this many rows/columns
 KID_BOOTSTRAP_SUBSETS = 10  # subsets per bootstrap resample: 100 per resample would dominate the run time
-KID_GATHER_MIN = 64  # smaller KID subsets recompute their kernels (see _KidKernels)
 FEATURE_MEMO_SIZE = 8  # feature sets kept by _features: a cell's images and its baseline's, with room to spare
 CACHE_KEYS = ("mu", "sigma", "stats_from")  # what a reference-<sha>.pt must hold
 
@@ -237,136 +234,18 @@ def reference_stats(source: str, extractor: str, weights: str | None, cache_dir:
     return Reference(source, name, sha, mu, sigma, features, stats_from)
 
 
-def _weighted_moments(features: torch.Tensor, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    # A resample with replacement = frequency weights: same mean/cov as the materialised resample, cheaper.
-    w = torch.from_numpy(counts).to(features.device)
-    mu = (features * w[:, None].to(features.dtype)).sum(0) / w.sum()
-    return mu, torch.cov(features.T, fweights=w)
-
-
-def _weighted_stats(features: torch.Tensor, counts: np.ndarray) -> dict[str, np.ndarray]:
-    mu, sigma = _weighted_moments(features, counts)
-    return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}
-
-
-class _FrechetToReference:
-    """FID of resampled statistics against fixed reference statistics, for the bootstrap.
-
-    tr sqrt(S_g S_r) = tr sqrt(A S_g A) with A = S_r^½ (the two products are similar), and A S_g A is
-    symmetric positive semi-definite: one `eigvalsh` per resample instead of torch-fidelity's general
-    `eigvals` of S_g S_r, the same number up to round-off (~4× faster, no complex round-off at n < D). In
-    torch, on the features' device: numpy's BLAS threads fight torch's spinning ones between the two."""
-
-    def __init__(self, mu: np.ndarray, sigma: np.ndarray, device: torch.device | str = "cpu"):
-        w, v = torch.linalg.eigh(torch.from_numpy(sigma).double().to(device))
-        self.half = (v * w.clamp(min=0).sqrt()) @ v.T  # negative eigenvalues are round-off of zeros
-        self.mu, self.trace = torch.from_numpy(mu).double().to(device), float(np.trace(sigma))
-
-    def __call__(self, mu: torch.Tensor, sigma: torch.Tensor) -> float:
-        diff = mu - self.mu
-        tr_covmean = torch.linalg.eigvalsh(self.half @ sigma @ self.half).clamp(min=0).sqrt().sum()
-        return float(diff.dot(diff) + sigma.trace() + self.trace - 2 * tr_covmean)
-
-
-def _kid_draws(n: int, m: int, size: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    # kid_features_to_metric's draws: a fresh RandomState(rng_seed), then per subset a generated draw and a
-    # reference draw. Every call restarts the sequence, so a resample with fewer subsets uses a prefix.
-    rng = np.random.RandomState(TF_RNG_SEED)
-    return [(rng.choice(n, size, replace=False), rng.choice(m, size, replace=False)) for _ in range(count)]
-
-
-def _block(kernel: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    # C order, as torch-fidelity's kernels: numpy's float32 row/column sums round differently by layout
-    return np.ascontiguousarray(kernel[rows][:, cols])
-
-
-class _KidKernels:
-    """torch-fidelity's KID (polynomial kernel, unbiased MMD², its own subset draws) with kernels computed once.
-
-    A subset of a resample is a set of rows of the generated features, so its gen-gen and gen-ref kernels are
-    gathered from the full matrices, and the reference's block of each draw is the same in every resample
-    (kept for the first `keep` draws). Gathered entries are the floats torch-fidelity computes: float32 sgemm
-    gives an entry the same bits wherever it sits, except in OpenBLAS's small-matrix path, so subsets below
-    KID_GATHER_MIN recompute their kernels as torch-fidelity does (cheap at that size)."""
-
-    def __init__(self, gen: torch.Tensor, ref: torch.Tensor, size: int, draws: int, keep: int):
-        self.gen, self.ref = gen.cpu().numpy(), ref.cpu().numpy()  # torch-fidelity's dtype (float32)
-        self.draws = _kid_draws(len(gen), len(ref), size, draws)
-        self.gather = size >= KID_GATHER_MIN
-        if self.gather:
-            self.gg, self.gr = kernel_poly(self.gen, self.gen), kernel_poly(self.gen, self.ref)
-        self.keep, self.rr = keep, {}
-
-    def _ref_block(self, s: int, j: np.ndarray) -> np.ndarray:
-        block = self.rr.get(s)
-        if block is None:
-            block = kernel_poly(self.ref[j], self.ref[j])
-            if s < self.keep:
-                self.rr[s] = block
-        return block
-
-    def _mmd(self, s: int, i: np.ndarray, j: np.ndarray) -> float:
-        if not self.gather:
-            return kernel_mmd(self.gen[i], self.ref[j])
-        return mmd2(_block(self.gg, i, i), _block(self.gr, i, j), self._ref_block(s, j))
-
-    def __call__(self, idx: np.ndarray | None, subsets: int) -> dict[str, float]:
-        mmds = np.zeros(subsets)
-        for s, (i, j) in enumerate(self.draws[:subsets]):
-            mmds[s] = self._mmd(s, i if idx is None else idx[i], j)
-        return {"kid_mean": float(np.mean(mmds)), "kid_std": float(np.std(mmds))}
-
-
-class _PrecisionRecall:
-    """torch-fidelity's k-NN precision/recall (metric_prc) with every distance computed once.
-
-    The radius of a sample is the (k+1)-th smallest distance in its row of its own set's distances: the
-    sample itself counts as the first at ~0, and in a resample each duplicate of it counts as another
-    neighbour at that same distance, so duplicates shrink radii. The reference is fixed, so its radii and
-    each generated sample's precision hit are computed once; a resample gathers its gen-gen block (its radii)
-    and its columns of the ref-gen distances. cdist blocks are as torch-fidelity's, so comparisons see the
-    same floats."""
-
-    def __init__(self, gen: torch.Tensor, ref: torch.Tensor, k: int):
-        b = PRC_BATCH_SIZE
-        self.k = k
-        self.gg, self.rg = calc_cdist_full(gen, gen, b), calc_cdist_full(ref, gen, b)
-        ref_radii = torch.cat([calc_cdist_part(r, ref, b).kthvalue(k + 1).values for r in ref.split(b)])
-        self.hit = torch.cat([(calc_cdist_part(g, ref, b) <= ref_radii).any(dim=1).float() for g in gen.split(b)])
-
-    def __call__(self, idx: np.ndarray | None) -> dict[str, float]:
-        t = None if idx is None else torch.from_numpy(idx)
-        gg = self.gg if t is None else self.gg[t][:, t]
-        radii = gg.kthvalue(self.k + 1).values
-        recall = ((self.rg if t is None else self.rg[:, t]) <= radii).any(dim=1).float().mean().item()
-        precision = (self.hit if t is None else self.hit[t]).mean().item()
-        f_score = 2 * precision * recall / max(1e-5, precision + recall)  # torch-fidelity's expression
-        return {"precision": precision, "recall": recall, "f_score": f_score}
-
-
-def _interval(values: list[float], point: float) -> list[float]:
-    """95% bias-corrected percentile interval: the bootstrap distribution shifted so that its mean is the
-    point estimate. Resampling with replacement duplicates samples, and duplicates bias FID and KID upward
-    (and recall downward) by an amount that grows as n shrinks: unshifted percentiles at n = 8 can miss the
-    point estimate altogether. The shift keeps the bootstrap's spread and removes its bias."""
-    draws = np.asarray(values, dtype=np.float64)
-    shift = float(np.mean(draws)) - float(point)
-    lo, hi = np.percentile(draws - shift, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
 
 
-def _fid_to(reference: Reference, dev: torch.device) -> tuple[dict[str, np.ndarray], _FrechetToReference]:
+def _fid_to(reference: Reference, dev: torch.device) -> tuple[dict[str, np.ndarray], FrechetToReference]:
     ref_stats = {"mu": reference.mu.astype(np.float64), "sigma": reference.sigma.astype(np.float64)}
-    return ref_stats, _FrechetToReference(ref_stats["mu"], ref_stats["sigma"], dev)
+    return ref_stats, FrechetToReference(ref_stats["mu"], ref_stats["sigma"], dev)
 
 
 def _fid_fn(pool: torch.Tensor, ref_stats: dict[str, np.ndarray],
-            fast: _FrechetToReference) -> Callable[..., dict[str, float]]:
+            fast: FrechetToReference) -> Callable[..., dict[str, float]]:
     # the point is torch-fidelity's fid_statistics_to_metric (the reference number); resamples the fast form
     pool64 = pool.double().to(fast.mu.device)
 
@@ -374,7 +253,7 @@ def _fid_fn(pool: torch.Tensor, ref_stats: dict[str, np.ndarray],
         if idx is None:
             mu, sigma = _stats(pool)
             return {"fid": fid_statistics_to_metric({"mu": mu, "sigma": sigma}, ref_stats, False)[KEY_METRIC_FID]}
-        return {"fid": fast(*_weighted_moments(pool64, np.bincount(idx, minlength=len(pool))))}
+        return {"fid": fast(*weighted_moments(pool64, np.bincount(idx, minlength=len(pool))))}
     return fid
 
 
@@ -384,19 +263,6 @@ def _isc_fn(logits: torch.Tensor, splits: int) -> Callable[..., dict[str, float]
         out = isc_features_to_metric(f, splits, True, TF_RNG_SEED)
         return {"isc_mean": out["inception_score_mean"], "isc_std": out["inception_score_std"]}
     return isc
-
-
-def _bootstrap(fns: dict[str, Callable[..., dict[str, float]]], keys: list[str], n: int, bootstrap: int,
-               seed: int) -> dict[str, list[float]]:
-    draws: dict[str, list[float]] = {k: [] for k in keys}
-    rng = np.random.default_rng(seed)
-    for _ in range(bootstrap):
-        idx = rng.integers(0, n, size=n)
-        for fn in fns.values():
-            for k, v in fn(idx).items():
-                if k in draws:
-                    draws[k].append(v)
-    return draws
 
 
 def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str], extractor: str,
@@ -452,7 +318,7 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
         _require(subset >= 2, f"KID needs at least 2 images per set (generated {n}, reference {m})")
         boot_subsets = min(kid_subsets, KID_BOOTSTRAP_SUBSETS)
         settings.update(kid_subset_size=subset, kid_subsets=kid_subsets, kid_bootstrap_subsets=boot_subsets)
-        kernels = _KidKernels(pool, ref, subset, max(kid_subsets, boot_subsets), boot_subsets)
+        kernels = KidKernels(pool, ref, subset, max(kid_subsets, boot_subsets), boot_subsets)
         fns["kid"] = lambda idx: kernels(idx, kid_subsets if idx is None else boot_subsets)
     if "isc" in metrics:
         splits = min(10, n // 2)
@@ -466,16 +332,16 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
                  f"{PRC_NEIGHBORHOOD} need more than {PRC_NEIGHBORHOOD} images per set (generated {n}, "
                  f"reference {m})")
         settings["prc_neighborhood"] = PRC_NEIGHBORHOOD
-        fns["prc"] = _PrecisionRecall(pool.to(dev), ref.to(dev), PRC_NEIGHBORHOOD)
+        fns["prc"] = PrecisionRecall(pool.to(dev), ref.to(dev), PRC_NEIGHBORHOOD)
 
     out: dict[str, Any] = {}
     for fn in fns.values():
         out.update(fn(None))
     interval_keys = [k for k in out if not k.endswith("_std")]
     t2 = time.perf_counter()
-    draws = _bootstrap(fns, interval_keys, n, bootstrap, seed)
+    draws = bootstrap_draws(fns, interval_keys, n, bootstrap, seed)
     for k in interval_keys:
-        out[f"{k}_ci95"] = _interval(draws[k], out[k]) if bootstrap > 0 else None
+        out[f"{k}_ci95"] = interval(draws[k], out[k]) if bootstrap > 0 else None
     t3 = time.perf_counter()
 
     out.update(num_samples=n, num_reference=m, extractor=name,
@@ -520,6 +386,6 @@ def fid_difference(images: np.ndarray, baseline: np.ndarray, reference: Referenc
     for _ in range(bootstrap):
         idx = rng.integers(0, n, size=n)
         draws.append(fids[0](idx)["fid"] - fids[1](idx)["fid"])
-    ci95 = _interval(draws, point) if bootstrap > 0 else None
+    ci95 = interval(draws, point) if bootstrap > 0 else None
     return {"fid_delta": point, "fid_delta_ci95": ci95,
             "eval_seconds": {"features": t1 - t0, "point": t2 - t1, "bootstrap": time.perf_counter() - t2}}

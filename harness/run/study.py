@@ -9,7 +9,7 @@ plan(study) -> cells (variant × KV policy × sweep point); for each cell:
 Every record carries the cell, its config hash and the environment. A rerun skips measurements whose
 (kind, config hash) is already recorded, so an interrupted study resumes where it stopped.
 
-Before anything is measured: names and argument keys are checked (check_names), the output folder is
+Before anything is measured: names and argument keys are checked (cells.check_names), the output folder is
 checked writable and locked (`<out>/.lock`, flock: a second run on the same folder is refused; the lock dies
 with its process, so a killed run leaves none behind).
 """
@@ -17,185 +17,38 @@ with its process, so a killed run leaves none behind).
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import fcntl
-import inspect
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import StudyConfig, at_point, sweep_points, to_dict
+from .cells import Cell, check_names, plan
+from .config import StudyConfig, to_dict
+from .reference import cache_dir, hw_text, reference_resolution, study_reference
 from varbench.harness.core.records import SCHEMA, append_record, capture_env, config_hash, load_records
-from varbench.harness.core.registry import KV_POLICIES, VARIANTS
+from varbench.harness.core.registry import KV_POLICIES
 
 __all__ = ["Cell", "plan", "check_names", "run_study", "resolve_device", "cache_dir", "OutputFolderError",
            "prepare_out", "lock_out", "reference_resolution"]
 
 log = logging.getLogger(__name__)
-SYNTHETIC_SEED = 20_251_123  # the synthetic reference set's seed, apart from any study seed
 GRID_IMAGES = 64  # each cell's grid: its first 64 samples, drawn from the same seeds in every cell
-SET_BY_STUDY = ("engine", "device", "kv_policy")  # variant arguments build_cell passes itself
-_WARNED: set[str] = set()
 
 
 class OutputFolderError(OSError):
     """The output folder cannot be written, or another run holds it."""
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One variant × KV policy × sweep point, with the study as it reads at that point."""
-
-    variant: str
-    kv_policy: str
-    point: dict[str, Any]
-    config: StudyConfig = field(repr=False)
-
-    @property
-    def variant_args(self) -> dict[str, Any]:
-        return dict(self.config.variant_args.get(self.variant, {}))
-
-    @property
-    def kv_args(self) -> dict[str, Any]:
-        return dict(self.config.kv_args.get(self.kv_policy, {}))
-
-    def describe(self) -> dict[str, Any]:
-        return {"variant": self.variant, "kv_policy": self.kv_policy, "variant_args": self.variant_args,
-                "kv_args": self.kv_args, "sweep": self.point}
-
-    @property
-    def label(self) -> str:
-        extra = [f"{k}={v}" for k, v in self.point.items()]
-        return " ".join([self.variant, self.kv_policy, *extra])
-
-
-def _touches(key: str, variant: str, policy: str) -> bool:
-    """Whether a sweep axis can change a cell: variant_args.X.* only touches variant X, kv_args.P.* policy P."""
-    section, _, rest = key.partition(".")
-    owner = rest.partition(".")[0]
-    return not ((section == "variant_args" and owner != variant) or (section == "kv_args" and owner != policy))
-
-
-def plan(study: StudyConfig) -> list[Cell]:
-    """Every distinct cell of the study, in a stable order. A sweep axis that cannot change a cell (another
-    variant's or policy's arguments) is left out of its point, so that cell is measured once, not per value;
-    a variant without a KV cache (factory attribute `has_kv_cache = False`, e.g. HMAR) runs with the first
-    policy only."""
-    import varbench.variants  # noqa: F401  (registers the built-in variants)
-
-    cells, seen = [], set()
-    for point in sweep_points(study):
-        config = at_point(study, point)
-        for variant in study.variants:
-            cached = variant not in VARIANTS or getattr(VARIANTS.get(variant), "has_kv_cache", True)
-            for policy in study.kv_policies if cached else study.kv_policies[:1]:  # no cache: one policy
-                own = {k: v for k, v in point.items() if _touches(k, variant, policy)}
-                key = (variant, policy, json.dumps(own, sort_keys=True, default=str))
-                if key not in seen:
-                    seen.add(key)
-                    cells.append(Cell(variant, policy, own, config))
-    return cells
-
-
-def check_names(study: StudyConfig) -> None:
-    """Fails at once (KeyError with "did you mean") on an unknown variant or KV policy."""
-    import varbench.variants  # noqa: F401  (registers the built-in variants and policies)
-
-    for name in study.variants:
-        VARIANTS.get(name)
-    for name in study.kv_policies:
-        KV_POLICIES.get(name)
-    if study.baseline is not None and study.baseline not in study.variants:
-        raise ValueError(f"baseline {study.baseline!r} is not one of the study's variants {list(study.variants)}")
-    check_args(study)
-    q = study.quality
-    if q is not None and q.metrics:  # files the scoring needs: missing ones fail now, not after the sampling
-        from varbench.harness.eval.extractors import resolve_weights
-
-        resolve_weights(q.extractor, q.extractor_weights)
-        if q.reference is None and q.metrics != ("isc",):
-            _reference_source(None)
-        if q.reference not in (None, "synthetic") and not Path(q.reference).exists():
-            raise FileNotFoundError(f"quality.reference {q.reference!r} does not exist")
-
-
-def check_args(study: StudyConfig) -> None:
-    """Fails before any measurement on a [variant_args.X] / [kv_args.P] table (or sweep axis) that names no
-    variant / KV policy, on a variant argument its factory does not take, and on KV arguments its policy
-    rejects; every message lists the valid names or keys."""
-    owners = {"variant_args": (study.variants, VARIANTS), "kv_args": (study.kv_policies, KV_POLICIES)}
-    for section, (names, registry) in owners.items():
-        for owner in getattr(study, section):
-            _check_owner(section, owner, names, registry)
-    for key in study.sweep:
-        section, _, rest = key.partition(".")
-        if section in owners and rest:
-            _check_owner(section, rest.partition(".")[0], *owners[section])
-    checked: set[str] = set()
-    for cell in plan(study):
-        _check_variant_keys(cell.variant, cell.variant_args)
-        kv_key = json.dumps([cell.kv_policy, cell.kv_args], sort_keys=True, default=str)
-        if kv_key not in checked:  # building a policy validates its arguments and calibrates nothing yet
-            checked.add(kv_key)
-            try:
-                KV_POLICIES.get(cell.kv_policy)(**cell.kv_args)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"kv_args.{cell.kv_policy}: {err}") from None
-
-
-def _check_owner(section: str, owner: str, names: tuple[str, ...], registry) -> None:
-    """A table's owner must be one of the study's names; a registered one the study does not run only warns
-    (a study file's table for a variant that `--variants` left out)."""
-    if owner in names:
-        return
-    kind = "variant" if section == "variant_args" else "KV policy"
-    if owner in registry:
-        message = f"[{section}.{owner}]: {kind} {owner!r} is not in this study ({', '.join(names)}), its " \
-                  f"arguments are unused"
-        if message not in _WARNED:  # the CLI and run_study both check: say it once
-            _WARNED.add(message)
-            log.warning(message)
-        return
-    close = difflib.get_close_matches(owner, [*names, *registry.list()], n=1)
-    hint = f" (did you mean {section}.{close[0]}?)" if close else ""
-    raise ValueError(f"[{section}.{owner}]: no {kind} is called {owner!r}{hint}; this study's: {', '.join(names)}")
-
-
-def _check_variant_keys(variant: str, args: dict[str, Any]) -> None:
-    """Variant arguments against the registered factory's signature; a factory taking **kwargs is not checked
-    (its builder reports unknown ones)."""
-    reserved = sorted(set(args) & set(SET_BY_STUDY))
-    if reserved:
-        raise ValueError(f"variant_args.{variant}: {', '.join(map(repr, reserved))} cannot be a variant argument: "
-                         f"the study sets it (its [engine] table, `device`, `kv_policies`)")
-    params = inspect.signature(VARIANTS.get(variant)).parameters.values()
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return
-    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and p.name not in SET_BY_STUDY]
-    for key in sorted(args):
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"variant_args.{variant}: unknown key {key!r}{hint}; valid keys: "
-                             f"{', '.join(valid) or '(none)'}")
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def cache_dir() -> Path:
-    """Where reference statistics are cached (by content hash): $VARBENCH_CACHE or ~/.cache/varbench."""
-    return Path(os.environ.get("VARBENCH_CACHE", Path.home() / ".cache" / "varbench"))
 
 
 def _precision(study: StudyConfig, device: str) -> str:
@@ -411,14 +264,14 @@ def _quality(run: _Run, cell: Cell, variant, bar) -> tuple[Path, dict[str, Any] 
     images, weights = _load_images(merged), _samples_weights(cell, merged, variant, run.device)
     needs_reference = any(m != "isc" for m in q.metrics)
     hw = (images.shape[1], images.shape[2])
-    reference = _reference(q, hw, run.device) if needs_reference else None
+    reference = study_reference(q, hw, run.device) if needs_reference else None
     metrics = score(images, reference, q.metrics, q.extractor, q.extractor_weights, device=run.device,
                     bootstrap=q.bootstrap, seed=cell.config.seed) if q.metrics else {}
     provenance = {k: metrics.pop(k) for k in list(metrics) if isinstance(metrics[k], str)}
     if reference is not None:  # what the samples were scored against, as configured, and at what size
         ref_hw = hw if q.reference == "synthetic" else reference_resolution(q.reference)
         provenance.update(reference_setting=q.reference,
-                          reference_resolution=_hw_text(ref_hw) if ref_hw else "unknown (statistics only)")
+                          reference_resolution=hw_text(ref_hw) if ref_hw else "unknown (statistics only)")
     from varbench.harness.eval.grids import save_grid
 
     grid = save_grid(images[:GRID_IMAGES], _grid_path(run, merged))
@@ -454,89 +307,6 @@ def _grid_path(run: _Run, samples: Path, suffix: str = "") -> Path:
     return run.out / "grids" / f"{samples.stem}{suffix}.png"
 
 
-def _reference_source(source: str | None) -> str:
-    if source is None:
-        raise ValueError("quality.reference is not set: give an ADM reference batch .npz (e.g. "
-                         "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion), an .npz or folder of "
-                         "real images, or \"synthetic\" with the project's extractor")
-    return source
-
-
-def _reference(q, hw: tuple[int, int], device: str):
-    """The reference of a quality config for samples of H×W `hw`; "synthetic" renders the project's data set at
-    that size, any other reference must hold images of that size (ValueError naming both otherwise)."""
-    from varbench.harness.eval.quality import reference_stats
-
-    source = _reference_source(q.reference)
-    if source == "synthetic":
-        from varbench.harness.eval.synthetic import make_dataset, save_npz
-
-        count, size = max(q.num_samples, 1000), hw[0]
-        path = cache_dir() / "synthetic" / f"synthetic_{size}px_{count}_seed{SYNTHETIC_SEED}.npz"
-        if not path.is_file():
-            save_npz(path, *make_dataset(count, seed=SYNTHETIC_SEED, size=size))
-        source = str(path)
-    else:
-        _check_resolution(source, hw)
-    return reference_stats(source, q.extractor, q.extractor_weights, cache_dir() / "reference", device)
-
-
-def _hw_text(hw: tuple[int, int]) -> str:
-    return f"{hw[0]}x{hw[1]}"
-
-
-def _check_resolution(source: str, hw: tuple[int, int]) -> None:
-    ref = reference_resolution(source)
-    if ref is not None and ref != tuple(hw):
-        raise ValueError(f"quality.reference {source} holds {_hw_text(ref)} px images but the samples are "
-                         f"{_hw_text(hw)} px: FID across resolutions is not comparable; give a reference of "
-                         f"{_hw_text(hw)} px images (or \"synthetic\", rendered at the samples' size)")
-
-
-def reference_resolution(source: str) -> tuple[int, int] | None:
-    """H×W of a reference's images read from headers only (an .npz's arr_0, a folder's image files); None for
-    statistics without images (an ADM mu/sigma batch) or a source that is neither (its loader reports that)."""
-    path = Path(source)
-    if path.is_dir():
-        return _folder_resolution(path)
-    if path.suffix.lower() == ".npz":
-        return _npz_resolution(path)
-    return None
-
-
-def _npz_resolution(path: Path) -> tuple[int, int] | None:
-    import zipfile
-
-    import numpy as np
-
-    try:
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape = read(f)[0]
-    except KeyError:
-        return None  # no images: statistics only
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"quality.reference {path} is not a readable .npz ({err})") from None
-    return (int(shape[1]), int(shape[2])) if len(shape) == 4 else None
-
-
-def _folder_resolution(folder: Path) -> tuple[int, int] | None:
-    from PIL import Image
-
-    from varbench.harness.eval.quality import IMAGE_EXTENSIONS
-
-    sizes = set()
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-            with Image.open(f) as image:  # reads the header only
-                sizes.add((image.height, image.width))
-    if len(sizes) > 1:
-        raise ValueError(f"quality.reference {folder}: images of several sizes {sorted(sizes)[:4]}; "
-                         f"a reference set has one size")
-    return sizes.pop() if sizes else None
-
-
 def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar) -> list[dict[str, Any]]:
     """PSNR/SSIM/LPIPS and the paired FID difference of every cell against the baseline cell (the baseline
     variant with the first KV policy at the first sweep point), on the same seeds; cells whose sample sets
@@ -567,7 +337,7 @@ def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar
         q = cell.config.quality
         metrics = consistency(a, b, q.lpips_weights, bootstrap=q.bootstrap, seed=cell.config.seed)
         if "fid" in q.metrics:  # paired: the variant's FID minus the baseline's on the same seeds
-            metrics.update(fid_difference(b, a, _reference(q, a.shape[1:3], run.device), q.extractor,
+            metrics.update(fid_difference(b, a, study_reference(q, a.shape[1:3], run.device), q.extractor,
                                           q.extractor_weights, run.device, q.bootstrap, cell.config.seed))
         out.append(run.record("consistency", cell, chash, metrics, t0, baseline=cells[base].label,
                               grid=str(grid)))
