@@ -28,9 +28,9 @@ def test_smooth_image_check_fails_without_the_gumbel_mix(var_d2_dir, monkeypatch
     # The smooth image is held only to its mean error (it is ill-conditioned), so check that a sampler which
     # skips the Gumbel-softmax codebook mix fails both it and the tokens (the mix feeds the next scale's input).
     from varbench.harness.core import loop
-    from varbench.harness.core.sampling import draw_tokens
+    from varbench.harness.core.sampling import sample_scale
 
-    monkeypatch.setattr(loop, "draw_tokens", lambda *a, **k: draw_tokens(*a, **k)._replace(soft=None))
+    monkeypatch.setattr(loop, "sample_scale", lambda *a, **k: sample_scale(*a, **k)._replace(soft=None))
     checks = {c["check"]: c for c in run_conformance(var_d2_dir)["checks"]}
     assert checks["ar_topk900_topp096.image"]["pass"]  # the runs without more_smooth are untouched
     assert not checks["ar_topk900_topp096_smooth.tokens"]["pass"]

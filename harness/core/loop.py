@@ -17,7 +17,7 @@ from typing import ContextManager, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .sampling import CFG_MAX, Draw, NonFiniteLogitsError, SampleConfig, bad_logits, draw_tokens, guide
+from .sampling import CFG_MAX, Draw, NonFiniteLogitsError, Sampler, SampleConfig, bad_logits, draw_tokens, sample_scale
 
 __all__ = ["Step", "StepOutput", "ScaleVariant", "Variant", "Generation", "generate", "resolve_labels"]
 
@@ -46,6 +46,8 @@ class ScaleVariant(Protocol):
 
     patch_nums: tuple[int, ...]
     device: torch.device
+
+    # optional: `sampler`, the family's Sampler (sampling.py); without one the loop samples as VAR does
 
     def steps(self) -> Sequence[Step]: ...
     def start(self, labels: Tensor) -> object: ...
@@ -139,12 +141,13 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
     labels = resolve_labels(labels, batch or 0, num_classes, variant.device, streams[first_stream])
     state = variant.start(labels)
     last = len(variant.patch_nums) - 1
+    sampler: Sampler = getattr(variant, "sampler", None) or sample_scale
     timer = timer or _no_timer
     for step in steps:
         with timer(f"scale{step.si}"):
             out = variant.forward(state, step)
             try:
-                draw = _draw(out, step, sampling, streams[step.stream], last)
+                draw = _draw(out, step, sampling, streams[step.stream], last, sampler)
             except NonFiniteLogitsError as err:  # only on failure: the diagnosis reads tensors (device syncs)
                 raise NonFiniteLogitsError(_diagnose(variant, sampling, step, out, err), err.cause) from None
             variant.commit(state, step, draw)
@@ -153,12 +156,13 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
     return Generation(images, variant.tokens(state), labels, state)
 
 
-def _draw(out: StepOutput, step: Step, sampling: SampleConfig, gen: torch.Generator | None, last: int) -> Draw:
-    """One step's sampling: the throw-away draws first, then the step's own on the guided logits."""
+def _draw(out: StepOutput, step: Step, sampling: SampleConfig, gen: torch.Generator | None, last: int,
+          sampler: Sampler) -> Draw:
+    """One step's sampling: the throw-away draws first (CoDe's, always VAR's sampler), then the step's own."""
     for si, thrown_away in out.discard:  # plain draws: the official prefill never smooths them
         draw_tokens(thrown_away, replace(sampling.at(si), more_smooth=False), gen, si / max(last, 1))
-    logits = guide(out.logits, sampling.cfg * step.cfg_ratio) if out.guided else out.logits
-    return draw_tokens(logits, sampling.at(step.si), gen, step.si / max(last, 1))
+    return sampler(out.logits, out.guided, sampling.cfg * step.cfg_ratio, sampling.at(step.si), gen,
+                   step.si / max(last, 1))
 
 
 def _where(variant: ScaleVariant, step: Step) -> str:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["SampleConfig", "ScaleSampling", "Draw", "NonFiniteLogitsError", "filter_top_k_top_p_", "draw_tokens",
-           "guide", "bad_logits", "CFG_MAX"]
+__all__ = ["SampleConfig", "ScaleSampling", "Draw", "NonFiniteLogitsError", "Sampler", "filter_top_k_top_p_",
+           "draw_tokens", "sample_scale", "guide", "bad_logits", "CFG_MAX"]
 
 PerScale = float | tuple[float, ...]
 CFG_MAX = 1000.0  # far above any published guidance scale; larger ones only overflow the guided fp32 logits
@@ -122,6 +122,24 @@ class Draw(NamedTuple):
     tokens: Tensor  # (B, l) int64
     logits: Tensor  # (B, l, V) guided logits after top-k/top-p (-inf outside the nucleus), before temperature
     soft: Tensor | None  # (B, l, V) Gumbel-softmax weights with more_smooth, else None
+
+
+class Sampler(Protocol):
+    """A family's sampler: guidance, filters, temperature and the draw of one step, from the random stream the
+    loop hands it. A family with other sampling semantics (Infinity's bitwise draw, LlamaGen's temperature
+    before the filters) selects its own by a `sampler` attribute; the loop and its streams stay the same."""
+
+    def __call__(self, logits: Tensor, guided: bool, t: float, s: ScaleSampling,
+                 generator: torch.Generator | None, ratio: float) -> Draw:
+        """logits: the step's (2B, l, V) output, conditional rows first ((B, l, V) when not guided); t: the step's
+        guidance sampling.cfg · step.cfg_ratio, read in the family's convention; ratio: si / (S - 1)."""
+        ...
+
+
+def sample_scale(logits: Tensor, guided: bool, t: float, s: ScaleSampling, generator: torch.Generator | None,
+                 ratio: float) -> Draw:
+    """VAR's sampler, the default: guidance (1 + t)·cond − t·uncond, then `draw_tokens`."""
+    return draw_tokens(guide(logits, t) if guided else logits, s, generator, ratio)
 
 
 def guide(logits: Tensor, t: float) -> Tensor:
