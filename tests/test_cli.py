@@ -38,6 +38,8 @@ def test_bench_writes_a_record_that_table_prints(tmp_path, capsys):
     assert record["kind"] == "speed" and record["study"] == "bench" and record["cell"]["variant"] == "test_var"
     assert record["config_hash"] and "git_sha" in record["env"] and record["env"]["torch"]
     assert record["metrics"]["images_per_s"] > 0 and record["batch_size"] == 1
+    assert record["command"] == f"varbench bench --variant test_var --batch 1 --repeats 1 --warmup 0 --out {tmp_path}"
+    assert record["precision"] == "fp32"  # the default "auto", resolved for the CPU
     assert main(["table", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "test_var" in table and "img/s" in table and "- git:" in table

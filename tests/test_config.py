@@ -103,3 +103,17 @@ def test_missing_scoring_files_fail_before_any_sampling(tmp_path, monkeypatch):
 def test_a_variant_without_kv_cache_runs_with_one_policy_only():
     study = parse_study({**BASE, "variants": ["test_var", "test_hmar"], "kv_policies": ["full", "streaming"]})
     assert [c.label for c in plan(study)] == ["test_var full", "test_var streaming", "test_hmar full"]
+
+
+def test_the_engine_table_is_the_variants_engine_config():
+    # One engine configuration from the TOML to the model: every feature is a study key, "auto" resolves per device.
+    from varbench.variants.engine import EngineConfig
+
+    study = parse_study({**BASE, "engine": {"static_kv_cache": False, "cuda_graphs": True}})
+    assert isinstance(study.engine, EngineConfig) and study.engine.static_kv_cache is False
+    assert study.engine.resolved("cpu").precision == "fp32" and study.engine.resolved("cuda:0").precision == "bf16"
+    assert EngineConfig("fp16").resolved("cuda") == EngineConfig("fp16")
+    with pytest.raises(ValueError, match="unknown key 'engine.static_cache'.*did you mean 'engine.static_kv_cache'"):
+        parse_study({**BASE, "engine": {"static_cache": False}})
+    with pytest.raises(ValueError, match="engine.compile must be true or false"):
+        EngineConfig(compile="yes")

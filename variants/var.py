@@ -56,6 +56,7 @@ class VAR:
 
     def __init__(self, net: VARNet, vae: VQVAE, engine: EngineConfig = EngineConfig(),
                  device: str | torch.device = "cpu", name: str = "var", kv_policy=None):
+        engine = engine.resolved(device)  # "auto" precision made concrete for the device
         self.name, self.engine, self.device = name, engine, torch.device(device)
         self.weights = "modules given by the caller"  # build_var names the checkpoint (or random seed)
         if engine.cuda_graphs and self.device.type != "cuda":

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.passthrough(rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.command_line = shlex.join(["varbench", *argv])  # what a record says made it
     try:
         return args.fn(args)
     except (KeyError, ValueError, CheckpointError, FileNotFoundError) as err:

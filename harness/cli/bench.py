@@ -27,7 +27,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from varbench.variants.var import EngineConfig
+    from varbench.variants.engine import EngineConfig
 
     name = args.variant or ("var" if args.depth else "test_var")  # `var`: any depth, 256 px layout
     policy = None  # --kv-policy NAME --kv-args JSON; neither: the variant's own cache
@@ -129,32 +129,39 @@ def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict
             "kv_args": kv_args, "sweep": {}}
     sample, env, run_id, path = to_dict(_sampling(args)), capture_env(args.device), new_run_id(), out / "records.jsonl"
     for i, (variant, metrics, started, suffix) in enumerate(measured, 1):
-        engine = to_dict(variant.engine)
+        engine, precision = to_dict(variant.engine), variant.engine.precision  # "auto" resolved by the variant
         chash = config_hash({"kind": "speed", "study": "bench", "cell": cell, "batch": args.batch,
-                             "device": args.device, "engine": engine, "precision": args.precision,
+                             "device": args.device, "engine": engine, "precision": precision,
                              "sample": sample, "speed": {"warmup": args.warmup, "repeats": args.repeats},
                              "threads": args.threads})
         append_record(path, make_record(f"{run_id}/{i}", "speed", "bench", cell, f"{name} {cell['kv_policy']}{suffix}",
-                                        chash, args.precision, 0, sample, engine, args.device, metrics, env,
-                                        started, batch_size=args.batch, weights=variant.weights))
+                                        chash, precision, 0, sample, engine, args.device, metrics, env,
+                                        started, batch_size=args.batch, weights=variant.weights,
+                                        command=getattr(args, "command_line", None)))
     return path
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure speed and memory of one variant")
+    from varbench.harness.run.config import SpeedConfig
+    from varbench.variants.engine import PRECISIONS
+
+    speed = SpeedConfig()  # a study's speed pass, so that `bench` and a one-cell study measure alike
+    p = sub.add_parser("bench", help="measure speed and memory of one variant (a one-cell study's speed pass)")
     p.add_argument("--variant", help="registered name (default: test_var, or var with --depth)")
     p.add_argument("--depth", type=int, help="the registered `var` at this depth (variant argument depth)")
     p.add_argument("--weights", default="random", help="'random' (default) or a checkpoint source")
     p.add_argument("--vae-ch", type=int, default=None, help="VQVAE width of random models (default 160)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="compute precision (default auto: bf16 on a GPU, fp32 on a CPU, as a study's engine)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the per-scale step")
     p.add_argument("--cuda-graphs", action="store_true", help="capture the per-scale step as CUDA graphs")
     p.add_argument("--reference", action="store_true", help="measure the reference loop (engine off)")
     p.add_argument("--vs-reference", action="store_true", help="also measure the reference; report speedup")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=speed.warmup, help=f"untimed runs first (default {speed.warmup})")
+    p.add_argument("--repeats", type=int, default=speed.repeats,
+                   help=f"timed runs; median and IQR (default {speed.repeats})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--top-k", type=int, default=900)

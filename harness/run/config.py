@@ -27,22 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from varbench.harness.core.sampling import SampleConfig
+from varbench.variants.engine import EngineConfig
 
-__all__ = ["EngineSettings", "SpeedConfig", "QualityConfig", "StudyConfig", "load_study", "parse_study",
+__all__ = ["SpeedConfig", "QualityConfig", "StudyConfig", "load_study", "parse_study",
            "apply_overrides", "to_dict", "QUALITY_METRICS"]
 
 QUALITY_METRICS = ("fid", "kid", "isc", "prc")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the baseline engine runs every variant (see variants/var.py EngineConfig).
-
-    precision "auto" is bf16 on a GPU and fp32 on a CPU (CPUs gain nothing from bf16 here)."""
-
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
-    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,7 +80,7 @@ class StudyConfig:
     device: str = "auto"
     seed: int = 0
     threads: int = 0
-    engine: EngineSettings = EngineSettings()
+    engine: EngineConfig = EngineConfig()  # precision "auto": bf16 on a GPU, fp32 on a CPU
     sample: SampleConfig = SampleConfig()
     speed: SpeedConfig | None = SpeedConfig()
     quality: QualityConfig | None = None  # `speed = false` / no [quality] table: that pass is skipped

@@ -52,19 +52,14 @@ def resolve_device(device: str) -> str:
 
 
 def _precision(study: StudyConfig, device: str) -> str:
-    if study.engine.precision != "auto":
-        return study.engine.precision
-    return "bf16" if device.startswith("cuda") else "fp32"
+    return study.engine.resolved(device).precision
 
 
 def build_cell(cell: Cell, device: str):
-    """The cell's variant on `device`, with the study's engine settings and the cell's KV policy."""
-    from varbench.variants.var import EngineConfig
-
+    """The cell's variant on `device`, with the study's engine configuration and the cell's KV policy."""
     from varbench.harness.core.registry import create_variant
 
-    engine = EngineConfig(_precision(cell.config, device), compile=cell.config.engine.compile,
-                          cuda_graphs=cell.config.engine.cuda_graphs)
+    engine = cell.config.engine.resolved(device)
     policy = KV_POLICIES.get(cell.kv_policy)(**cell.kv_args)
     try:
         return create_variant(cell.variant, engine=engine, device=device, kv_policy=policy, **cell.variant_args)
