@@ -119,3 +119,14 @@ def test_planted_upward_import_is_caught(file, planted):
     path = ROOT / file
     assert violations(path) == []
     assert len(violations(path, path.read_text() + "\n" + planted)) == 1
+
+
+def test_every_package_folder_is_installed():
+    # CI installs the project (not editable): a package folder missing from pyproject's list imports here but
+    # not from the installed copy.
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"varbench." + ".".join(p.parent.relative_to(ROOT).parts)
+               for top in ("harness", "variants", "kernels") for p in (ROOT / top).rglob("__init__.py")}
+    assert folders <= listed, f"not installed (add to pyproject's packages): {sorted(folders - listed)}"

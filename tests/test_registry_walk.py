@@ -17,6 +17,8 @@ from varbench.harness.core.registry import KV_POLICIES, VARIANTS, create_variant
 from varbench.variants import describe
 from varbench.variants.hmar import HMAR_SAMPLING
 from varbench.variants.hmar_model import HMARConfig, HMARNet
+from varbench.variants.infinity_model import InfinityConfig, InfinityNet
+from varbench.variants.llamagen_model import LlamaGenConfig, LlamaGenNet
 from varbench.variants.var_model import VARConfig, VARNet
 
 TEST_VARIANTS = VARIANTS.list("test_*")
@@ -76,7 +78,7 @@ def test_variant_generates_with_policy(name, policy_name, plain):
 
 # -- parameter counts --------------------------------------------------------------------------------------------
 
-_NETS = {VARConfig: VARNet, HMARConfig: HMARNet}
+_NETS = {VARConfig: VARNet, HMARConfig: HMARNet, LlamaGenConfig: LlamaGenNet, InfinityConfig: InfinityNet}
 
 
 def _meta_count(cfg) -> int:
@@ -98,7 +100,12 @@ def test_listed_parameter_count_is_exact(name):
 # Exact counts stated elsewhere: VAR-d16's transformer (also asserted by test_cli), and the HMAR checkpoints'
 # parameter counts quoted in variants/hmar.py's docstrings (hmar-d*.pth). No other exact count is published here.
 KNOWN = {"var_d16": "310,283,520", "hmar_d16": "467,691,904", "hmar_d20": "845,517,872",
-         "hmar_d24": "1,384,328,960", "hmar_d30": "2,556,324,212"}
+         "hmar_d24": "1,384,328,960", "hmar_d30": "2,556,324,212",
+         # LlamaGen's GPTs (README @ce98ec41 rounds them to 111M, 343M, 775M, 1.4B, 3.1B)
+         "llamagen_b": "110,888,448", "llamagen_l": "342,910,976", "llamagen_xl": "774,699,520",
+         "llamagen_xxl": "1,410,972,672", "llamagen_3b": "3,096,659,200",
+         # Infinity's transformers (issue 14; the released checkpoints' key listings give the shapes)
+         "infinity_2b": "2,204,564,032", "infinity_8b": "8,375,791,824"}
 
 
 @pytest.mark.parametrize("name, count", KNOWN.items())

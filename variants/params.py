@@ -7,14 +7,17 @@ import torch
 from torch import nn
 
 from .hmar_model import HMARConfig, HMARNet
+from .infinity_model import InfinityConfig, InfinityNet
+from .llamagen_model import LlamaGenConfig, LlamaGenNet
 from .var_model import VARConfig, VARNet
 
 __all__ = ["param_count"]
 
-_NETS: dict[type, type[nn.Module]] = {VARConfig: VARNet, HMARConfig: HMARNet}
+_NETS: dict[type, type[nn.Module]] = {VARConfig: VARNet, HMARConfig: HMARNet, LlamaGenConfig: LlamaGenNet,
+                                         InfinityConfig: InfinityNet}
 
 
-def param_count(model: nn.Module | VARConfig | HMARConfig) -> int:
+def param_count(model: nn.Module | VARConfig | HMARConfig | LlamaGenConfig | InfinityConfig) -> int:
     """Parameters of a module, or of the network a config describes (built on the meta device)."""
     if isinstance(model, nn.Module):
         return sum(p.numel() for p in model.parameters())

@@ -3,8 +3,8 @@
 Format: docs/../conformance/README.md. Every comparison becomes one entry of the report with its error and
 tolerance; the folder passes only if every entry passes. On CPU in fp32 tokens must match exactly; on CUDA
 the random stream differs from the CPU's, so logits are compared within a looser tolerance and the token
-agreement rate is reported instead of required. One checker per family (var.py, code.py, hmar.py) over the
-shared comparisons of common.py.
+agreement rate is reported instead of required. One checker per family (var.py, code.py, hmar.py, llamagen.py,
+infinity.py) over the shared comparisons of common.py.
 """
 
 from __future__ import annotations
@@ -18,19 +18,27 @@ import torch
 from .code import check_code_folder
 from .common import CUDA_LOGITS_TOL, TOL, RecordGuided
 from .hmar import check_hmar_folder
+from .infinity import check_infinity_folder
+from .llamagen import check_llamagen_folder
 from .var import check_var_folder
 
 __all__ = ["run_conformance", "fixture_kind", "TOL", "CUDA_LOGITS_TOL", "RecordGuided", "CHECKERS"]
 
-CHECKERS = {"var": check_var_folder, "code": check_code_folder, "hmar": check_hmar_folder}
+CHECKERS = {"var": check_var_folder, "code": check_code_folder, "hmar": check_hmar_folder,
+            "llamagen": check_llamagen_folder, "infinity": check_infinity_folder}
 
 
 def fixture_kind(folder: Path, meta: dict) -> str | None:
-    """Which official code a fixture folder records: "var", "code" (drafter/refiner) or "hmar"."""
+    """Which official code a fixture folder records: "var", "code" (drafter/refiner), "hmar", "llamagen" or
+    "infinity"."""
     if "drafter" in meta:
         return "code"
+    if "gpt_cfg" in meta and (folder / "gpt_state_dict.pt").is_file():
+        return "llamagen"
     if any(folder.glob("hmar_d*.pth")):
         return "hmar"
+    if (folder / "infinity_tiny.pth").is_file():
+        return "infinity"
     if {"depth", "vae_ch", "pn"} <= set(meta) and (folder / f"var_d{meta['depth']}.pth").is_file():
         return "var"
     return None
@@ -49,7 +57,7 @@ def run_conformance(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = False
     kind = fixture_kind(folder, meta)
     if kind not in CHECKERS:
-        raise ValueError(f"{folder}: unsupported fixture kind (supported: the VAR format of conformance/var_d2, "
-                         "CoDe's code_d3_d2 and HMAR's hmar_d2)")
+        raise ValueError(f"{folder}: unsupported fixture kind (supported: the formats of conformance/var_d2 (VAR), "
+                         "code_d3_d2 (CoDe), hmar_d2 (HMAR), llamagen_tiny (LlamaGen) and infinity_tiny (Infinity))")
     checks = CHECKERS[kind](folder, meta, dev)
     return {"folder": str(folder), "device": str(dev), "passed": all(c["pass"] for c in checks), "checks": checks}

@@ -47,7 +47,9 @@ class ScaleVariant(Protocol):
     patch_nums: tuple[int, ...]
     device: torch.device
 
-    # optional: `sampler`, the family's Sampler (sampling.py); without one the loop samples as VAR does
+    # optional: `sampler`, the family's Sampler (sampling.py); without one the loop samples as VAR does.
+    # optional: `reads_sampling = True`: `start(labels, sampling)` is given the call's SampleConfig (Infinity
+    # decides its batch, unconditional half and hidden-state guidance from the per-scale cfg)
 
     def steps(self) -> Sequence[Step]: ...
     def start(self, labels: Tensor) -> object: ...
@@ -139,7 +141,8 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
     first_stream = steps[0].stream if steps else "main"
     num_classes = getattr(variant, "num_classes", 1000)
     labels = resolve_labels(labels, batch or 0, num_classes, variant.device, streams[first_stream])
-    state = variant.start(labels)
+    reads_sampling = getattr(variant, "reads_sampling", False)
+    state = variant.start(labels, sampling) if reads_sampling else variant.start(labels)
     last = len(variant.patch_nums) - 1
     sampler: Sampler = getattr(variant, "sampler", None) or sample_scale
     timer = timer or _no_timer
@@ -161,8 +164,8 @@ def _draw(out: StepOutput, step: Step, sampling: SampleConfig, gen: torch.Genera
     """One step's sampling: the throw-away draws first (CoDe's, always VAR's sampler), then the step's own."""
     for si, thrown_away in out.discard:  # plain draws: the official prefill never smooths them
         draw_tokens(thrown_away, replace(sampling.at(si), more_smooth=False), gen, si / max(last, 1))
-    return sampler(out.logits, out.guided, sampling.cfg * step.cfg_ratio, sampling.at(step.si), gen,
-                   step.si / max(last, 1))
+    t = sampling.cfg_at(step.si) * step.cfg_ratio
+    return sampler(out.logits, out.guided, t, sampling.at(step.si), gen, step.si / max(last, 1))
 
 
 def _where(variant: ScaleVariant, step: Step) -> str:
@@ -187,7 +190,7 @@ def _diagnose(variant: ScaleVariant, sampling: SampleConfig, step: Step, out: St
                 f"precision ({getattr(variant, 'dtype', 'unknown dtype')})")
         return f"{where}: non-finite logits from the model: {hint}"
     if out.guided:
-        t, peak = sampling.cfg * step.cfg_ratio, float(out.logits.abs().amax())
+        t, peak = sampling.cfg_at(step.si) * step.cfg_ratio, float(out.logits.abs().amax())
         return (f"{where}: classifier-free guidance with sampling.cfg = {sampling.cfg!r} (t = {t:.4g} at this "
                 f"scale, on model logits up to |{peak:.3g}|) overflowed fp32; use a smaller cfg (valid: "
                 f"[0, {CFG_MAX:g}]; the papers use 1.5 to 4)")

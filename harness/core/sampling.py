@@ -69,20 +69,21 @@ class ScaleSampling:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling settings of one generation call. `top_k`, `top_p` and `temperature` are a single value or
-    one value per scale (CoDe samples scale si with top_k[si] and temperature[si]).
+    """Sampling settings of one generation call. `cfg`, `top_k`, `top_p` and `temperature` are a single value
+    or one value per scale (CoDe samples scale si with top_k[si] and temperature[si]; Infinity guides scale si
+    with cfg[si], read by `cfg_at`).
 
     Defaults are the official VAR FID protocol (README): cfg 1.5, top-k 900, top-p 0.96, no smoothing.
     """
 
-    cfg: float = 1.5
+    cfg: PerScale = 1.5
     top_k: int | tuple[int, ...] = 900
     top_p: PerScale = 0.96
     temperature: PerScale = 1.0
     more_smooth: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("top_k", "top_p", "temperature"):
+        for f in ("cfg", "top_k", "top_p", "temperature"):
             value = getattr(self, f)
             if isinstance(value, list):
                 object.__setattr__(self, f, tuple(value))
@@ -90,8 +91,7 @@ class SampleConfig:
 
     def _check_values(self) -> None:
         """Every value finite and in its range, before any model runs (a NaN would only surface in the sampler)."""
-        _check_value("cfg", self.cfg)
-        for f in ("top_k", "top_p", "temperature"):
+        for f in ("cfg", "top_k", "top_p", "temperature"):
             v = getattr(self, f)
             if isinstance(v, tuple):
                 if not v:
@@ -107,9 +107,13 @@ class SampleConfig:
         return ScaleSampling(int(pick(self.top_k)), float(pick(self.top_p)), float(pick(self.temperature)),
                              self.more_smooth)
 
+    def cfg_at(self, si: int) -> float:
+        """The guidance scale of scale si."""
+        return float(self.cfg[si]) if isinstance(self.cfg, tuple) else self.cfg
+
     def validate(self, num_scales: int) -> None:
         """Raises ValueError naming the bad setting and its valid values."""
-        for f in ("top_k", "top_p", "temperature"):
+        for f in ("cfg", "top_k", "top_p", "temperature"):
             v = getattr(self, f)
             if isinstance(v, tuple) and len(v) != num_scales:
                 raise ValueError(f"sampling.{f} has {len(v)} values but the model has {num_scales} scales")
