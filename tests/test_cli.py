@@ -65,7 +65,8 @@ def test_run_writes_records_and_prints_the_table(tmp_path, capsys, monkeypatch):
     assert "img/s ↑" in printed and "FID ↓" in printed and "var_zoo_d2" in printed and "- git:" in printed
     assert "zoo classifier, held-out accuracy" in printed  # the table's provenance names the extractor's weights
     records = list(load_records(out))
-    assert [r["kind"] for r in records] == ["speed", "quality"] and records[0]["schema"] == 1
+    assert [r["kind"] for r in records] == ["speed", "quality", "quality"] and records[0]["schema"] == 1
+    assert records[2]["real_data"]  # the held-out real images, scored like a cell
     assert records[1]["metrics"]["num_samples"] == 4 and (out / "samples").is_dir()
     assert main(["table", str(out)]) == 0
     again = capsys.readouterr().out.strip()

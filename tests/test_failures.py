@@ -143,7 +143,8 @@ def test_a_reference_of_another_resolution_is_refused_naming_both(tmp_path):
 def test_the_quality_record_names_its_reference_and_resolution(tmp_path):
     ref = _reference_npz(tmp_path / "ref64.npz", 64)
     quality = {**QUALITY, "metrics": ["fid"], "reference": ref}
-    (rec,) = run_study(parse_study({**SPEED, "speed": False, "quality": quality}), tmp_path / "out")
+    rec, real = run_study(parse_study({**SPEED, "speed": False, "quality": quality}), tmp_path / "out")
+    assert real["real_data"] and real["label"] == "real data (held-out)"
     assert rec["quality"]["reference"] == ref and rec["quality"]["reference_setting"] == ref
     assert rec["quality"]["reference_resolution"] == "64x64" and np.isfinite(rec["metrics"]["fid"])
 

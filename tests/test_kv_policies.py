@@ -288,6 +288,21 @@ def test_unknown_policy_args_name_the_valid_ones():
         KV_POLICIES.get("h2o")(budget=1.5)
 
 
+def test_a_budget_below_the_window_names_the_smallest_budget_and_the_window_that_work(small):
+    # The zoo's 155-token schedule: 0.1 is 16 tokens, below SnapKV's 32-token window (issue 13, item 17).
+    for name in ("snapkv", "pyramidkv"):
+        with pytest.raises(ValueError) as err:
+            KV_POLICIES.get(name)(budget=0.1).plan(small)
+        message = str(err.value)
+        assert f"KV policy '{name}': a budget of 16 tokens (0.1 of this model's 155)" in message
+        assert '"budget": 32, or 0.204 of this model' in message
+        assert """--kv-args '{"budget": 0.1, "window": 16}'""" in message
+        for works in ({"budget": 0.204}, {"budget": 32}, {"budget": 0.1, "window": 16}):
+            assert KV_POLICIES.get(name)(**works).plan(small).layers  # each suggestion plans
+        with pytest.raises(ValueError, match="a budget of 31 tokens"):
+            KV_POLICIES.get(name)(budget=0.203).plan(small)  # 0.204 is the smallest fraction
+
+
 def test_bench_records_the_policy_and_a_tenth_of_the_kv_bytes(capsys, tmp_path):
     argv = ["bench", "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]
     assert main(argv + ["--kv-policy", "streaming", "--kv-args", '{"budget": 0.1}']) == 0

@@ -35,21 +35,42 @@ def finished(tmp_path_factory):
 def test_every_measurement_is_one_record_with_provenance(finished):
     out, records = finished
     kinds = [r["kind"] for r in records]
-    assert kinds.count("speed") == 4 and kinds.count("quality") == 2 and kinds.count("consistency") == 1
+    # two cells' quality and one real-data row (one quality setting: the sweep changes only sampling)
+    assert kinds.count("speed") == 4 and kinds.count("quality") == 3 and kinds.count("consistency") == 1
     written = list(load_records(out))
     assert [(r["id"], r["config_hash"]) for r in written] == [(r["id"], r["config_hash"]) for r in records]
     for r in records:
         assert r["schema"] == 1 and "git_sha" in r["env"] and r["env"]["torch"] and len(r["config_hash"]) == 12
-        assert r["precision"] == "fp32" and r["seed"] == 0 and r["device"] == "cpu"
+        real = r.get("real_data", False)  # real images: no engine, no precision
+        assert r["precision"] == (None if real else "fp32") and r["seed"] == 0 and r["device"] == "cpu"
     speed = [r for r in records if r["kind"] == "speed"]
     assert len({r["config_hash"] for r in speed}) == 4 and {r["metrics"]["batch_size"] for r in speed} == {1, 2}
     assert all(len(r["metrics"]["latency_ms_per_scale"]) == 10 and r["metrics"]["kv_bytes"] > 0 for r in speed)
-    quality = [r for r in records if r["kind"] == "quality"]
+    quality = [r for r in records if r["kind"] == "quality" and not r.get("real_data")]
     for r in quality:
         m = r["metrics"]
         assert m["fid_ci95"][0] <= m["fid"] <= m["fid_ci95"][1] and m["num_samples"] == 6
         assert "varbench-cnn" in r["quality"]["extractor"] and "zoo classifier" in r["quality"]["extractor"]
         assert r["weights"] == "random (seed 0)"
+        assert r["quality"]["feature_scale"].startswith("centred, unit mean variance")
+
+
+def test_the_real_data_row_scores_held_out_synthetic_images_like_a_cell(finished, monkeypatch):
+    from varbench.harness.eval.quality import score
+    from varbench.harness.eval.synthetic import make_dataset
+    from varbench.harness.run.reference import study_reference
+
+    out, records = finished
+    monkeypatch.setenv("VARBENCH_CACHE", str(out / "cache"))  # the study's cached reference
+    (real,) = [r for r in records if r.get("real_data")]
+    assert real["label"] == "real data (held-out)" and real["num_samples"] == 6 and real["weights"] is None
+    assert real["quality"]["heldout"] == ("synthetic images 1000..1005 of seed 20251123 (the reference holds "
+                                          "0..999)")
+    q = parse_study(STUDY).quality  # the same numbers as scoring those images by hand against the reference
+    images = make_dataset(6, seed=20251123, size=256, start=1000)[0]
+    by_hand = score(images, study_reference(q, (256, 256), "cpu"), q.metrics, q.extractor, None, bootstrap=20)
+    assert real["metrics"]["fid"] == by_hand["fid"] and real["metrics"]["fid_ci95"] == by_hand["fid_ci95"]
+    assert real["metrics"]["isc_mean"] == by_hand["isc_mean"]
 
 
 def test_samples_are_adm_npz_with_labels_and_seeds(finished):
@@ -98,7 +119,8 @@ def test_table_prints_paper_style_tables_with_a_provenance_footer(finished, caps
     assert "PSNR dB ↑" in text and "sample.cfg" in text and "- git:" in text and "- torch:" in text
     assert main(["table", str(out), "--format", "csv"]) == 0
     csv = capsys.readouterr().out.splitlines()
-    assert csv[0].startswith("variant,KV policy,sample.cfg") and "images_per_s" in csv[0] and len(csv) == 1 + 4 + 2
+    assert csv[0].startswith("variant,KV policy,sample.cfg") and "images_per_s" in csv[0] and len(csv) == 1 + 4 + 3
+    assert csv[-1].startswith("real data (held-out),-,")
 
 
 def test_table_of_nothing_is_a_clear_error(tmp_path, capsys):

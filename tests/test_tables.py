@@ -88,3 +88,32 @@ def test_the_shipped_default_table_as_csv():
 def test_unknown_format_is_refused_with_the_valid_ones():
     with pytest.raises(ValueError, match="unknown table format 'xls'; valid: md, csv"):
         results_table(RECORDS, "xls")
+
+
+def _with_env(record: dict, sha: str = "0123456789ab", dirty: bool = False) -> dict:
+    return {**record, "env": {"git_sha": sha, "git_dirty": dirty, "torch": "2.x", "device_name": "x86_64"}}
+
+
+def test_the_real_data_row_comes_last_and_the_footer_names_its_held_out_images():
+    real = _record("quality", "real data (held-out)", {"fid": 1.5, "precision": 0.7, "recall": 0.7}, "-",
+                   tag="real", real_data=True,
+                   quality={"reference": "/cache/x/synthetic_64px.npz", "reference_stats_sha": "aaaa1111",
+                            "heldout": "synthetic images 1000..1255", "feature_scale": "centred (x0.25)"})
+    frame = _csv([real, *RECORDS])  # written first (or anywhere), shown last
+    quality = frame[frame.table == "quality"]
+    assert list(quality.variant) == ["a", "b", "real data (held-out)"]
+    assert list(quality.fid) == [30.0, 20.0, 1.5] and quality.params.iloc[-1] == "-"
+    text = results_table([real, *RECORDS])
+    assert "- real data (held-out): synthetic images 1000..1255" in text
+    # records without a recorded scale (before the feature scale existed) are named as such
+    assert "- feature scale: centred (x0.25), raw (a record older than the feature scale)" in text
+    assert [row["cell"] for row in cell_rows([real, *RECORDS])] == ["a full", "b full"]  # data is no cell to fit
+
+
+def test_the_footer_names_no_cache_path_and_says_uncommitted_changes_in_words():
+    records = [_with_env(r) for r in RECORDS]
+    text = results_table(records)
+    assert "- git: 0123456789ab\n" in text and "/cache/" not in text and "(dirty)" not in text
+    assert "- reference: synthetic_64px.npz (statistics aaaa1111)" in text
+    dirty = results_table([_with_env(r, dirty=True) for r in RECORDS])
+    assert "- git: 0123456789ab with uncommitted changes" in dirty and "(dirty)" not in dirty

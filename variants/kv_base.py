@@ -15,6 +15,7 @@ KVCache-Factory's "prompt shorter than the capacity" rule), so a budget of 1.0 n
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -136,6 +137,24 @@ class KVPolicy:
     def budget_tokens(self, seq_len: int) -> int:
         b = self.args["budget"]
         return int(b) if isinstance(b, int) else max(1, round(b * seq_len))
+
+    def require_budget(self, budget: int, seq_len: int, need: int, what: str, arg: str, value: int) -> None:
+        """Raises unless `budget` tokens hold the `need` tokens the policy always keeps (`what`), naming the
+        smallest budget that works on this model (tokens, and a fraction of its `seq_len`) and the alternative:
+        `arg` lowered to `value`."""
+        if budget >= need:
+            return
+        given = self.args["budget"]
+        as_given = f" ({given} of this model's {seq_len})" if isinstance(given, float) else ""
+        milli = max(1, math.floor((need - 1) * 1000 / seq_len))  # the smallest 3-decimal fraction giving >= need
+        while round(milli / 1000 * seq_len) < need:
+            milli += 1
+        fraction = milli / 1000
+        raise_to = (f"raise the budget to at least {need} tokens (\"budget\": {need}, or {fraction:g} of this "
+                    f"model) or " if need <= seq_len else "")
+        raise ValueError(f"KV policy {self.name!r}: a budget of {budget} tokens{as_given} is smaller than {what} "
+                         f"({need} tokens), which it always keeps: {raise_to}lower {arg} to {value}, e.g. "
+                         f"--kv-args '{{\"budget\": {given}, \"{arg}\": {value}}}'")
 
     def groups(self, variant, budget: int, ends: list[int]) -> list[list[GroupPlan]]:
         """Per layer, the head groups and their kept counts per scale. Default: all heads, the budget."""

@@ -104,9 +104,7 @@ class SnapKV(KVPolicy):
             raise ValueError(f"KV policy {self.name!r}: window must be >= 1, got {self.args['window']!r}")
 
     def groups(self, variant, budget: int, ends: list[int]) -> list[list[GroupPlan]]:
-        if budget < self.args["window"]:
-            raise ValueError(f"KV policy {self.name!r}: a budget of {budget} tokens is smaller than the "
-                             f"observation window ({self.args['window']})")
+        self.require_budget(budget, ends[-1], self.args["window"], "the observation window", "window", budget)
         return super().groups(variant, budget, ends)
 
     def select(self, view: KVView, n_keep: int) -> Tensor:

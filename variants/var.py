@@ -23,6 +23,7 @@ from varbench.harness.core.loop import Step, StepOutput
 from varbench.harness.core.registry import register_variant
 from varbench.harness.core.sampling import Draw, SampleConfig
 
+from .accel import Acceleration, AccelState, accelerated_forward, apply_acceleration, freeze_rows
 from .engine import DTYPES, EngineConfig
 from .factory import register_model
 from .loading import load_var_net, load_vqvae, random_var_net, random_vqvae
@@ -45,6 +46,8 @@ class VARState:
     tokens: list[Tensor] = field(default_factory=list)
     kv_bytes: list[int] = field(default_factory=list)  # bytes the cache holds for later scales after each scale
     kv_bytes_current: list[int] = field(default_factory=list)  # bytes of each scale's own keys and values
+    accel: AccelState | None = None  # the acceleration's per-call state (variants/accel/), None without one
+    cache_rows: str = "both"  # CFG rows `cache` holds: an acceleration may drop a half for the late scales
 
 
 class VAR:
@@ -66,6 +69,8 @@ class VAR:
         if getattr(kv_policy, "compresses", False) and engine.cuda_graphs:
             raise ValueError(f"KV policy {kv_policy.name!r} evicts per scale; it cannot run with cuda_graphs")
         self.kv_policy = kv_policy
+        self.acceleration: Acceleration | None = None  # set by apply_acceleration (variants/accel/)
+        self.joins_acceleration = False  # a CoDe refiner shares the drafter's per-call state
         self.dtype = DTYPES[engine.precision]
         self.net, self.vae = net.to(self.device).eval(), vae.to(self.device).eval()
         self.cfg: VARConfig = net.cfg
@@ -103,11 +108,15 @@ class VAR:
                                          device=self.device), self._cache(2 * len(labels), kv_tokens), lvl_pos)
             if self.engine.cache_conditioning:
                 state.mods, state.head_mod = self.net.modulations(cond), self.net.head_modulation(cond)
+        if self.acceleration is not None:
+            state.accel = self.acceleration.begin(self, labels, self.joins_acceleration)
         if self.engine.cuda_graphs:
             self._graphs = _ScaleGraphs.ready(self._graphs, self, state)
         return state
 
     def forward(self, state: VARState, step: Step) -> StepOutput:
+        if state.accel is not None:
+            return accelerated_forward(self, state, step)
         with self._autocast():
             mods = state.mods if state.mods is not None else self.net.modulations(state.cond)
             head = state.head_mod if state.head_mod is not None else self.net.head_modulation(state.cond)
@@ -118,10 +127,19 @@ class VAR:
     def commit(self, state: VARState, step: Step, draw: Draw) -> None:
         si, pn = step.si, self.patch_nums[step.si]
         codebook = self.vae.quantize.embedding.weight
+        if state.accel is not None and bool(state.accel.skipped[:, si].all()):  # every sample skipped the scale
+            state.tokens.append(torch.full_like(draw.tokens, -1))
+            state.kv_bytes.append(state.cache.nbytes())
+            state.kv_bytes_current.append(0)
+            return
         with self._autocast():
             h = draw.soft @ codebook.unsqueeze(0) if draw.soft is not None else F.embedding(draw.tokens, codebook)
             h = h.transpose(1, 2).reshape(len(draw.tokens), -1, pn, pn)  # (B, Cvae, pn, pn)
-            nxt = self.vae.next_input(si, self.patch_nums, state.f_hat, h)
+            if state.accel is None:
+                nxt = self.vae.next_input(si, self.patch_nums, state.f_hat, h)
+            else:  # some samples may skip this scale (SkipVAR decides per sample)
+                nxt, _ = freeze_rows(self, state, si, h, draw.tokens)
+                self.acceleration.after_commit(self, state, si)
             state.tokens.append(draw.tokens)
             state.kv_bytes.append(state.cache.nbytes())
             state.kv_bytes_current.append(state.cache.current_nbytes())
@@ -293,7 +311,8 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | VQVAE | None
               engine: EngineConfig = EngineConfig(), device: str = "cpu", seed: int = 0,
               patch_nums: Sequence[int] | None = None, shared_aln: bool = False, vae_ch: int = 160,
               allow_download: bool | None = None, name: str | None = None, kv_policy=None,
-              config: VARConfig | None = None) -> VAR:
+              config: VARConfig | None = None, acceleration: str | None = None,
+              acceleration_args: dict | None = None) -> VAR:
     """A VAR variant of the given depth.
 
     Args:
@@ -304,6 +323,8 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | VQVAE | None
         patch_nums: scale schedule (default: the 256 px one, or read from the checkpoint).
         shared_aln, vae_ch: architecture of random models; `config` gives a random model's whole architecture.
         kv_policy: a KV-cache policy object from `KV_POLICIES` (None or `full` keeps every entry).
+        acceleration, acceleration_args: a registered acceleration (`ACCELERATIONS`, variants/accel/) by name,
+            and its arguments; None or "none" runs plain VAR.
     """
     if weights == "random":
         cfg = config or VARConfig(depth=depth, shared_aln=shared_aln, patch_nums=tuple(patch_nums or PATCH_NUMS[680]))
@@ -322,6 +343,8 @@ def build_var(depth: int, *, weights: str | None = None, vae: str | VQVAE | None
     variant.weights = f"random (seed {seed})" if weights == "random" else str(weights or f"var_d{depth}")
     if kv_policy is not None:
         kv_policy.prepare(variant)  # offline calibration (ScaleKV, HACK) of this model, unless loaded
+    if acceleration is not None or acceleration_args:
+        apply_acceleration(variant, acceleration or "none", **(acceleration_args or {}))
     return variant
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from varbench.harness.core.kv_cache import attention
 
-__all__ = ["VARConfig", "VARNet", "Modulation", "PATCH_NUMS", "flops_per_image", "init_random_"]
+__all__ = ["VARConfig", "VARNet", "Modulation", "BlockPlan", "PATCH_NUMS", "flops_per_image", "init_random_"]
 
 # Scale schedules by total token count L: VAR 256 px, VAR 512 px (d36), and the 64 px zoo.
 PATCH_NUMS: dict[int, tuple[int, ...]] = {
@@ -74,6 +75,17 @@ class VARConfig:
 Modulation = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+class BlockPlan(Protocol):
+    """How an acceleration (variants/accel/) changes one forward's blocks; None everywhere is the plain network.
+
+    `sublayer(layer, kind, x, fn)`: the residual update of sublayer `kind` ("attn" or "ffn") of `layer` on the
+    (rows, l, C) stream x, where `fn` computes it on any subset of tokens. `attend(layer, q, k, v, mask, cache)`:
+    the attention output in place of the cache's own `attend`."""
+
+    sublayer: Callable[[int, str, Tensor, Callable[[Tensor], Tensor]], Tensor] | None
+    attend: Callable[..., Tensor] | None
+
+
 def _layer_norm(x: Tensor) -> Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6)
 
@@ -101,10 +113,13 @@ class SelfAttention(nn.Module):
         k = F.normalize(k.float(), dim=-1).to(v.dtype)
         return q, k, v
 
-    def forward(self, x: Tensor, cache=None, layer: int = 0, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache=None, layer: int = 0, mask: Tensor | None = None,
+                attend: Callable[..., Tensor] | None = None) -> Tensor:
         q, k, v = self.qkv(x)
-        # A cache attends over what it holds (a compressing policy's then scores and evicts keys).
-        out = attention(q, k, v, mask) if cache is None else cache.attend(layer, q, k, v, mask, x, self)
+        if attend is not None:  # an acceleration's attention (LiteVAR: windows, scores shared by the CFG halves)
+            out = attend(layer, q, k, v, mask, cache)
+        else:  # a cache attends over what it holds (a compressing policy's then scores and evicts keys)
+            out = attention(q, k, v, mask) if cache is None else cache.attend(layer, q, k, v, mask, x, self)
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -140,10 +155,22 @@ class Block(nn.Module):
         return g1, g2, s1.add(1), s2.add(1), b1, b2
 
     def forward(self, x: Tensor, mod: Modulation, cache=None, layer: int = 0,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, plan: BlockPlan | None = None) -> Tensor:
         g1, g2, s1, s2, b1, b2 = mod
-        x = x + self.attn(_layer_norm(x).mul(s1).add_(b1), cache, layer, mask).mul_(g1)
-        return x + self.ffn(_layer_norm(x).mul(s2).add_(b2)).mul(g2)
+        attend = None if plan is None else plan.attend
+
+        def attn(h: Tensor) -> Tensor:
+            return self.attn(_layer_norm(h).mul(s1).add_(b1), cache, layer, mask, attend).mul_(g1)
+
+        def ffn(h: Tensor) -> Tensor:
+            return self.ffn(_layer_norm(h).mul(s2).add_(b2)).mul(g2)
+
+        if plan is None or plan.sublayer is None:
+            x = x + attn(x)
+            return x + ffn(x)
+        # An acceleration computes each residual update on some tokens and restores the others (FastVAR, StageVAR)
+        x = x + plan.sublayer(layer, "attn", x, attn)
+        return x + plan.sublayer(layer, "ffn", x, ffn)
 
 
 def scale_index(patch_nums: tuple[int, ...]) -> Tensor:
@@ -215,9 +242,10 @@ class VARNet(nn.Module):
         return F.linear(x.flatten(2).transpose(1, 2).to(w.dtype), w, self.word_embed.bias) + lvl_pos[:, begin:end]
 
     # -- network ---------------------------------------------------------------------------------
-    def run_blocks(self, x: Tensor, mods: Sequence[Modulation], cache=None, mask: Tensor | None = None) -> Tensor:
+    def run_blocks(self, x: Tensor, mods: Sequence[Modulation], cache=None, mask: Tensor | None = None,
+                   plan: BlockPlan | None = None) -> Tensor:
         for layer, (block, mod) in enumerate(zip(self.blocks, mods)):
-            x = block(x, mod, cache, layer, mask)
+            x = block(x, mod, cache, layer, mask, plan)
         return x
 
     def logits(self, x: Tensor, head_mod: tuple[Tensor, Tensor]) -> Tensor:

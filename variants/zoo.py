@@ -3,7 +3,9 @@
 Offline, with random weights, FID is noise and a scaling curve has nothing to fit. The zoo is a family of
 genuinely trained models (`varbench train zoo` retrains it from scratch, see `ZOO_PLAN` in harness/train/steps.py):
 
-* `vqvae.pt`       the multi-scale residual tokenizer (VAR's architecture, 8x, vocab 512, scales 1,2,3,4,5,6,8);
+* `vqvae.pt`       the multi-scale residual tokenizer (VAR's architecture, 8x, vocab 512, scales 1,2,3,4,5,6,8),
+                   its decoder fine-tuned afterwards with the tokens frozen (`varbench train vqvae-decoder`,
+                   the manifest's `finetune` entry), so the VARs trained on its tokens stay valid;
 * `var_d{1..5}.pt` VAR transformers of width 32·depth on its 155-token pyramids (the sizes of the loss fit);
 * `refiner_d2.pt`  CoDe's refiner: var_d2 fine-tuned on the two scales it makes in `code_zoo_d5_d2`;
 * `hmar_d5.pt`     HMAR: var_d5 fine-tuned with Markov attention (stage 1), then a masked path (stage 2);

@@ -30,6 +30,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from varbench.variants.engine import EngineConfig
 
     name = args.variant or ("var" if args.depth else "test_var")  # `var`: any depth, 256 px layout
+    if args.weights is None and args.depth and not args.variant:
+        args.weights = "random"  # `var` at a depth: a speed benchmark of the architecture
     policy = None  # --kv-policy NAME --kv-args JSON; neither: the variant's own cache
     if args.kv_policy is not None or args.kv_args is not None:
         import varbench.variants  # noqa: F401  (registers the KV policies)
@@ -45,8 +47,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         policy = KV_POLICIES.get(args.kv_policy or "full")(**kv_args)
 
     def build(engine: EngineConfig):
-        kwargs = {"engine": engine, "device": args.device, "weights": args.weights}
-        if args.weights == "random" and args.vae_ch:
+        kwargs = {"engine": engine, "device": args.device}
+        if args.weights is not None:  # None: the variant's own (the zoo's files, test_var's random weights)
+            kwargs["weights"] = args.weights
+        if args.weights in (None, "random") and args.vae_ch:
             kwargs["vae_ch"] = args.vae_ch
         if policy is not None:
             kwargs["kv_policy"] = policy
@@ -120,10 +124,10 @@ def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict
     from varbench.harness.run.config import to_dict
     from varbench.harness.run.study import make_record, new_run_id
 
-    variant_args = {"weights": args.weights}
+    variant_args = {"weights": args.weights} if args.weights is not None else {}
     if args.depth and not args.variant:
         variant_args["depth"] = args.depth
-    if args.weights == "random" and args.vae_ch:
+    if args.weights in (None, "random") and args.vae_ch:
         variant_args["vae_ch"] = args.vae_ch
     cell = {"variant": name, "kv_policy": args.kv_policy or "full", "variant_args": variant_args,
             "kv_args": kv_args, "sweep": {}}
@@ -149,7 +153,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed and memory of one variant (a one-cell study's speed pass)")
     p.add_argument("--variant", help="registered name (default: test_var, or var with --depth)")
     p.add_argument("--depth", type=int, help="the registered `var` at this depth (variant argument depth)")
-    p.add_argument("--weights", default="random", help="'random' (default) or a checkpoint source")
+    p.add_argument("--weights", help="a checkpoint source or 'random' (default: the variant's own: the zoo's "
+                   "files for *_zoo_*, random for test_var and --depth D, official checkpoints for var_d16...)")
     p.add_argument("--vae-ch", type=int, default=None, help="VQVAE width of random models (default 160)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,

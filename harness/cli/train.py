@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-KINDS = ("vqvae", "var", "hmar", "classifier")
+KINDS = ("vqvae", "vqvae-decoder", "var", "hmar", "classifier")
 
 
 def run(argv: list[str]) -> int:

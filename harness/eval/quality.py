@@ -16,6 +16,8 @@ version), never under a name, because torch-fidelity's own cache silently reuses
   precision, recall, f_score (+ _ci95)  Kynkäänniemi et al. k-NN manifold precision/recall
   num_samples, num_reference, extractor, extractor_weights_sha256, reference, reference_stats_sha,
   bootstrap, seed, settings             provenance; `<key>_ci95` is [lo, hi] or None when bootstrap == 0
+  feature_scale                         the pool features' scale (extractors.feature_scale_name): "raw", or
+                                        the project CNN's calibrated scale, on which FID/KID/PRC are computed
   eval_seconds                          {"features", "point", "bootstrap"}: wall seconds of each pass
 """
 
@@ -45,10 +47,11 @@ from varbench.harness.core.hashing import text_sha256
 from .resampling import (TF_RNG_SEED, FrechetToReference, KidKernels, PrecisionRecall, bootstrap_draws, interval,
                          weighted_moments)
 from .extractors import (INCEPTION, PROJECT_CNN, PROJECT_CNN_VERSION, check_images, describe_extractor,
-                         extract_features, feature_layers, file_sha256, resolve_weights, weights_sha256)
+                         extract_features, feature_layers, feature_scale_name, file_sha256, resolve_weights,
+                         weights_sha256)
 
 __all__ = ["Reference", "reference_stats", "reference_from_images", "score", "fid_difference",
-           "QUALITY_METRIC_NAMES"]
+           "QUALITY_METRIC_NAMES", "folder_images", "load_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +113,14 @@ def _features(images: np.ndarray, extractor: str, weights: str | None, device: s
     return dict(feats)  # callers may rebind keys; the tensors themselves are only read
 
 
-def _folder_images(folder: Path) -> list[Path]:
+def folder_images(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ValueError(f"reference folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
     return files
 
 
-def _load_folder(files: list[Path]) -> np.ndarray:
+def load_folder(files: list[Path]) -> np.ndarray:
     arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8) for f in files]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
@@ -185,7 +188,7 @@ def reference_stats(source: str, extractor: str, weights: str | None, cache_dir:
     if not path.exists():
         raise FileNotFoundError(f"reference {source} does not exist")
     weights = resolve_weights(extractor, weights)
-    files = _folder_images(path) if path.is_dir() else None
+    files = folder_images(path) if path.is_dir() else None
     content = (_hash(*sorted(file_sha256(f) for f in files)) if files is not None else file_sha256(path))
     sha = _hash(content, _extractor_identity(extractor, weights))
     name = describe_extractor(extractor, weights)
@@ -199,7 +202,7 @@ def reference_stats(source: str, extractor: str, weights: str | None, cache_dir:
     layer = feature_layers(extractor)["fid"]
     features, mu, sigma, stats_from = None, None, None, "images"
     if files is not None:
-        features = extract_features(_load_folder(files), extractor, weights, device)[layer]
+        features = extract_features(load_folder(files), extractor, weights, device)[layer]
     elif path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
@@ -344,8 +347,8 @@ def score(images: np.ndarray, reference: Reference | None, metrics: Sequence[str
         out[f"{k}_ci95"] = interval(draws[k], out[k]) if bootstrap > 0 else None
     t3 = time.perf_counter()
 
-    out.update(num_samples=n, num_reference=m, extractor=name,
-               extractor_weights_sha256=weights_sha256(weights),
+    out.update(num_samples=n, num_reference=m, extractor=name, extractor_weights_sha256=weights_sha256(weights),
+               feature_scale=feature_scale_name(extractor, weights),
                reference=reference.source if reference is not None else None,
                reference_stats_sha=reference.sha256 if reference is not None else None,
                bootstrap=bootstrap, seed=seed, settings=settings,
@@ -387,5 +390,5 @@ def fid_difference(images: np.ndarray, baseline: np.ndarray, reference: Referenc
         idx = rng.integers(0, n, size=n)
         draws.append(fids[0](idx)["fid"] - fids[1](idx)["fid"])
     ci95 = interval(draws, point) if bootstrap > 0 else None
-    return {"fid_delta": point, "fid_delta_ci95": ci95,
+    return {"fid_delta": point, "fid_delta_ci95": ci95, "feature_scale": feature_scale_name(extractor, weights),
             "eval_seconds": {"features": t1 - t0, "point": t2 - t1, "bootstrap": time.perf_counter() - t2}}

@@ -10,6 +10,11 @@ engine precision is `dtype`, so that it never shares a CSV column with the quali
 rows name the `reference` they were scored against: two rows against different references never look alike.
 `cell_rows` joins the speed (largest batch), quality and consistency records of each cell into one row of
 numbers, which is what `varbench fit` fits when no single record holds both of its columns.
+
+A quality record with `real_data` (held-out real images scored like a cell, harness/run/reference.py) is the
+table's last row, "real data (held-out)": what the metrics read for data itself. The footer names what anyone
+can check: commits, the extractor with its feature scale, references by file name and statistics hash (never
+the machine's cache paths); records measured with uncommitted changes say so in words.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from tabulate import tabulate
 
 from .metrics import metrics_for
 
-__all__ = ["results_table", "latest", "cell_rows", "cell_key"]
+__all__ = ["results_table", "latest", "cell_rows", "cell_key", "REAL_ROW", "OLD_SCALE"]
+
+REAL_ROW = "real data (held-out)"  # as harness/run/reference.py names the row (eval cannot import run)
+OLD_SCALE = "raw (a record older than the feature scale)"  # quality records that do not name theirs
 
 
 def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,10 +110,11 @@ def _quality_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, An
     speed = _speed_by_cell(records)
     references = _reference_names(quality)
     rows = []
-    for r in quality:
+    for r in sorted(quality, key=lambda r: bool(r.get("real_data"))):  # stable: the real-data row last
         both = {**r["metrics"], **consistency.get(r.get("label"), {}).get("metrics", {})}
         reference = r.get("quality", {}).get("reference")
-        row = {**_label(r), "params": speed.get(cell_key(r), {}).get("metrics", {}).get("params"),
+        params = "-" if r.get("real_data") else speed.get(cell_key(r), {}).get("metrics", {}).get("params")
+        row = {**_label(r), "params": params,
                "reference": references.get(str(reference), "n/a") if reference is not None else "n/a",
                "samples": r.get("num_samples", r["metrics"].get("num_samples"))}
         for s in cols:
@@ -122,6 +131,7 @@ def cell_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per cell: `cell` (its label), `variant`, `kv_policy`, its sweep values, and every scalar metric of
     its speed (largest batch), quality and consistency records as `speed.<key>`, `quality.<key>` and
     `consistency.<key>`, also as plain `<key>` where only one kind has that key (speed's `precision` is `dtype`).
+    The real-data row is left out: it is no cell.
     """
     records = latest(r for r in records if isinstance(r, dict))
     speed = _speed_by_cell(records)
@@ -129,6 +139,8 @@ def cell_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         kind, key = r.get("kind"), cell_key(r)
         if kind not in ("speed", "quality", "consistency") or (kind == "speed" and speed.get(key) is not r):
+            continue
+        if r.get("real_data"):  # data, not a model: no row to fit or plot
             continue
         cell = r.get("cell", {})
         row = rows.setdefault(key, {"cell": _cell_label(r), "variant": cell.get("variant"),
@@ -160,17 +172,33 @@ def _footer(records: list[dict[str, Any]]) -> list[str]:
         return ", ".join(values) if values else "n/a"
 
     env = lambda key: (lambda r: r.get("env", {}).get(key))  # noqa: E731
-    sha = lambda r: (r.get("env", {}).get("git_sha") or "unknown") + (  # noqa: E731
-        " (dirty)" if r.get("env", {}).get("git_dirty") else "")
-    lines = [f"git: {distinct(sha)}", f"device: {distinct(env('device_name'))}",
+    lines = [f"git: {distinct(_code)}", f"device: {distinct(env('device_name'))}",
              f"torch: {distinct(env('torch'))}", f"weights: {distinct(lambda r: r.get('weights'))}"]
     quality = [r for r in records if r.get("kind") == "quality"]
     if quality:
-        lines.append("extractor: " + distinct(lambda r: r.get("quality", {}).get("extractor")))
-        lines.append("reference: " + distinct(lambda r: r.get("quality", {}).get("reference")))
-    if any(r.get("env", {}).get("git_dirty") for r in records):
-        lines.append("(dirty): measured with uncommitted changes")
+        names = _reference_names(quality)
+        qual = lambda key: (lambda r: r.get("quality", {}).get(key))  # noqa: E731
+        lines.append("extractor: " + distinct(qual("extractor")))
+        lines.append("feature scale: " + distinct(lambda r: r.get("quality", {}).get("feature_scale", OLD_SCALE)
+                                                  if r.get("metrics") else None))
+        lines.append("reference: " + distinct(lambda r: _reference_text(r, names)))
+        lines += [f"{REAL_ROW}: {held}" for held in sorted({str(q["quality"]["heldout"]) for q in quality
+                                                            if q.get("real_data") and q.get("quality")})]
     return lines
+
+
+def _code(r: dict[str, Any]) -> str | None:
+    e = r.get("env", {})
+    sha = e.get("git_sha") or (f"none (varbench {e['varbench']})" if e.get("varbench") else None)
+    return None if sha is None else sha + (" with uncommitted changes" if e.get("git_dirty") else "")
+
+
+def _reference_text(r: dict[str, Any], names: dict[str, str]) -> str | None:
+    q = r.get("quality", {})
+    if q.get("reference") is None:
+        return None
+    sha = q.get("reference_stats_sha")
+    return names.get(str(q["reference"]), str(q["reference"])) + (f" (statistics {sha[:12]})" if sha else "")
 
 
 def results_table(records: Iterable[dict[str, Any]], fmt: str = "md") -> str:

@@ -20,6 +20,7 @@ import torch
 from varbench.harness.core.loop import Variant, generate
 from varbench.harness.core.measure import MemoryMeter, RegionTimer, p50_iqr, peak_flops
 from varbench.harness.core.sampling import SampleConfig
+from varbench.variants.accel import accel_report
 from varbench.variants.vqvae import decode_flops as vae_decode_flops  # noqa: F401  (re-exported)
 
 __all__ = ["bench_variant", "vae_decode_flops", "BatchTooLargeError"]
@@ -135,7 +136,7 @@ def bench_variant(variant: Variant, batch: int, sampling: SampleConfig = SampleC
         "mfu": images_per_s * (net_flops + vae_flops) / peak_rate,
         "peak_flops": peak_rate,
         "peak_flops_source": peak_source,
-    } | _per_model(variant, per_scale, kv, kv_current)
+    } | _per_model(variant, per_scale, kv, kv_current) | _accelerated(variant, gen.state)
 
 
 # -- per-model reporting: variants made of several models (CoDe's drafter and refiner) ------------------
@@ -153,6 +154,13 @@ def _per_model(variant, per_scale: list[list[float]], kv_per_scale: list[int],
         memory[name] = {"param_bytes": variant.models[name].param_bytes(),
                         "kv_bytes": _most(kv_per_scale, scales), "kv_bytes_current": _most(current_per_scale, scales)}
     return {"latency_ms_per_model": latency, "memory_bytes_per_model": memory}
+
+
+def _accelerated(variant, state) -> dict[str, Any]:
+    """What an acceleration did in the last timed call (tokens computed per scale, steps skipped, guided rows),
+    and its settings; {} for a plain variant."""
+    report = accel_report(variant, state)
+    return {"accel_report": report} | getattr(variant, "acceleration_record", {}) if report else {}
 
 
 def _most(per_scale: list[int], scales: tuple[int, ...]) -> int:

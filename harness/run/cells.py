@@ -1,5 +1,5 @@
-"""What a study measures: its cells (variant × KV policy × sweep point), and the checks run on them before
-anything is measured (names, table owners, argument keys, files the scoring needs)."""
+"""What a study measures: its cells (variant × KV policy × acceleration × sweep point), and the checks run on
+them before anything is measured (names, table owners, argument keys, files the scoring needs)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from varbench.harness.core.registry import KV_POLICIES, VARIANTS
+from varbench.variants.accel import ACCELERATIONS
 
 from .config import StudyConfig, at_point, sweep_points
 from .reference import reference_source
@@ -19,18 +20,19 @@ from .reference import reference_source
 __all__ = ["Cell", "plan", "check_names", "check_args", "SET_BY_STUDY"]
 
 log = logging.getLogger(__name__)
-SET_BY_STUDY = ("engine", "device", "kv_policy")  # variant arguments build_cell passes itself
+SET_BY_STUDY = ("engine", "device", "kv_policy", "acceleration", "acceleration_args")  # build_cell passes them
 _WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One variant × KV policy × sweep point, with the study as it reads at that point."""
+    """One variant × KV policy × acceleration × sweep point, with the study as it reads at that point."""
 
     variant: str
     kv_policy: str
     point: dict[str, Any]
     config: StudyConfig = field(repr=False)
+    acceleration: str = "none"
 
     @property
     def variant_args(self) -> dict[str, Any]:
@@ -40,28 +42,39 @@ class Cell:
     def kv_args(self) -> dict[str, Any]:
         return dict(self.config.kv_args.get(self.kv_policy, {}))
 
+    @property
+    def accel_args(self) -> dict[str, Any]:
+        return dict(self.config.accel_args.get(self.acceleration, {}))
+
     def describe(self) -> dict[str, Any]:
+        accel = {"acceleration": self.acceleration, "accel_args": self.accel_args} if self.accelerated else {}
         return {"variant": self.variant, "kv_policy": self.kv_policy, "variant_args": self.variant_args,
-                "kv_args": self.kv_args, "sweep": self.point}
+                "kv_args": self.kv_args, **accel, "sweep": self.point}  # plain cells keep their old hashes
+
+    @property
+    def accelerated(self) -> bool:
+        return self.acceleration != "none"
 
     @property
     def label(self) -> str:
         extra = [f"{k}={v}" for k, v in self.point.items()]
-        return " ".join([self.variant, self.kv_policy, *extra])
+        return " ".join([self.variant, self.kv_policy, *([self.acceleration] if self.accelerated else []), *extra])
 
 
-def _touches(key: str, variant: str, policy: str) -> bool:
-    """Whether a sweep axis can change a cell: variant_args.X.* only touches variant X, kv_args.P.* policy P."""
+def _touches(key: str, variant: str, policy: str, acceleration: str) -> bool:
+    """Whether a sweep axis can change a cell: variant_args.X.* only touches variant X, kv_args.P.* policy P,
+    accel_args.A.* acceleration A."""
     section, _, rest = key.partition(".")
     owner = rest.partition(".")[0]
-    return not ((section == "variant_args" and owner != variant) or (section == "kv_args" and owner != policy))
+    mine = {"variant_args": variant, "kv_args": policy, "accel_args": acceleration}
+    return section not in mine or owner == mine[section]
 
 
 def plan(study: StudyConfig) -> list[Cell]:
     """Every distinct cell of the study, in a stable order. A sweep axis that cannot change a cell (another
     variant's or policy's arguments) is left out of its point, so that cell is measured once, not per value;
     a variant without a KV cache (factory attribute `has_kv_cache = False`, e.g. HMAR) runs with the first
-    policy only."""
+    policy only, and only unaccelerated (the accelerations modify VAR's scale steps; HMAR has its own)."""
     import varbench.variants  # noqa: F401  (registers the built-in variants)
 
     cells, seen = [], set()
@@ -69,12 +82,15 @@ def plan(study: StudyConfig) -> list[Cell]:
         config = at_point(study, point)
         for variant in study.variants:
             cached = variant not in VARIANTS or getattr(VARIANTS.get(variant), "has_kv_cache", True)
-            for policy in study.kv_policies if cached else study.kv_policies[:1]:  # no cache: one policy
-                own = {k: v for k, v in point.items() if _touches(k, variant, policy)}
-                key = (variant, policy, json.dumps(own, sort_keys=True, default=str))
-                if key not in seen:
-                    seen.add(key)
-                    cells.append(Cell(variant, policy, own, config))
+            policies = study.kv_policies if cached else study.kv_policies[:1]  # no cache: one policy
+            accelerations = study.accelerations if cached else [a for a in study.accelerations if a == "none"]
+            for policy in policies:
+                for accel in accelerations:
+                    own = {k: v for k, v in point.items() if _touches(k, variant, policy, accel)}
+                    key = (variant, policy, accel, json.dumps(own, sort_keys=True, default=str))
+                    if key not in seen:
+                        seen.add(key)
+                        cells.append(Cell(variant, policy, own, config, accel))
     return cells
 
 
@@ -86,6 +102,8 @@ def check_names(study: StudyConfig) -> None:
         VARIANTS.get(name)
     for name in study.kv_policies:
         KV_POLICIES.get(name)
+    for name in study.accelerations:
+        ACCELERATIONS.get(name)
     if study.baseline is not None and study.baseline not in study.variants:
         raise ValueError(f"baseline {study.baseline!r} is not one of the study's variants {list(study.variants)}")
     check_args(study)
@@ -103,8 +121,9 @@ def check_names(study: StudyConfig) -> None:
 def check_args(study: StudyConfig) -> None:
     """Fails before any measurement on a [variant_args.X] / [kv_args.P] table (or sweep axis) that names no
     variant / KV policy, on a variant argument its factory does not take, and on KV arguments its policy
-    rejects; every message lists the valid names or keys."""
-    owners = {"variant_args": (study.variants, VARIANTS), "kv_args": (study.kv_policies, KV_POLICIES)}
+    rejects, and likewise for [accel_args.A]; every message lists the valid names or keys."""
+    owners = {"variant_args": (study.variants, VARIANTS), "kv_args": (study.kv_policies, KV_POLICIES),
+              "accel_args": (study.accelerations, ACCELERATIONS)}
     for section, (names, registry) in owners.items():
         for owner in getattr(study, section):
             _check_owner(section, owner, names, registry)
@@ -122,6 +141,13 @@ def check_args(study: StudyConfig) -> None:
                 KV_POLICIES.get(cell.kv_policy)(**cell.kv_args)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"kv_args.{cell.kv_policy}: {err}") from None
+        accel_key = json.dumps([cell.acceleration, cell.accel_args], sort_keys=True, default=str)
+        if accel_key not in checked:
+            checked.add(accel_key)
+            try:
+                ACCELERATIONS.get(cell.acceleration)(**cell.accel_args)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"accel_args.{cell.acceleration}: {err}") from None
 
 
 def _check_owner(section: str, owner: str, names: tuple[str, ...], registry) -> None:
@@ -129,7 +155,7 @@ def _check_owner(section: str, owner: str, names: tuple[str, ...], registry) -> 
     (a study file's table for a variant that `--variants` left out)."""
     if owner in names:
         return
-    kind = "variant" if section == "variant_args" else "KV policy"
+    kind = {"variant_args": "variant", "kv_args": "KV policy", "accel_args": "acceleration"}[section]
     if owner in registry:
         message = f"[{section}.{owner}]: {kind} {owner!r} is not in this study ({', '.join(names)}), its " \
                   f"arguments are unused"
@@ -148,7 +174,7 @@ def _check_variant_keys(variant: str, args: dict[str, Any]) -> None:
     reserved = sorted(set(args) & set(SET_BY_STUDY))
     if reserved:
         raise ValueError(f"variant_args.{variant}: {', '.join(map(repr, reserved))} cannot be a variant argument: "
-                         f"the study sets it (its [engine] table, `device`, `kv_policies`)")
+                         f"the study sets it (its [engine] table, `device`, `kv_policies`, `accelerations`)")
     params = inspect.signature(VARIANTS.get(variant)).parameters.values()
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return

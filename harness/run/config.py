@@ -1,7 +1,7 @@
 """Study files: frozen dataclasses are the schema, TOML is the format, `--set key=value` overrides.
 
-A study is variants × KV policies × sweep points (× batch sizes for speed), plus sampling, engine, speed and
-quality settings. Loading checks every key and value against the dataclasses: an unknown key names the valid
+A study is variants × KV policies × accelerations × sweep points (× batch sizes for speed), plus sampling,
+engine, speed and quality settings. Loading checks every key and value against the dataclasses: an unknown key names the valid
 ones (and the closest), a bad value names the field and the type it needs.
 
     study = "kv_budget"
@@ -73,8 +73,10 @@ class StudyConfig:
     study: str
     variants: tuple[str, ...]
     kv_policies: tuple[str, ...] = ("full",)
+    accelerations: tuple[str, ...] = ("none",)  # training-free modifiers of the loop (variants/accel/)
     variant_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     kv_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accel_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweep: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     baseline: str | None = None
     device: str = "auto"
@@ -91,6 +93,8 @@ class StudyConfig:
         if not self.kv_policies:
             raise ValueError("study.kv_policies is empty: name at least one KV policy, e.g. [\"full\"] "
                              "(the whole cache)")
+        if not self.accelerations:
+            raise ValueError("study.accelerations is empty: name at least one, e.g. [\"none\"] (plain loop)")
         if self.speed is None and self.quality is None:
             raise ValueError("nothing to measure: speed and quality are both off; keep a [speed] or a [quality] "
                              "table (or drop `speed = false` / `quality = false`)")

@@ -6,6 +6,7 @@ plan(study) -> cells (variant × KV policy × sweep point); for each cell:
     quality  samples in seed blocks, sharded over torchrun ranks (harness/run/shard.py), merged to an ADM-style
              .npz, scored with torch-fidelity (harness/eval/quality.py) with bootstrap intervals
     consistency  PSNR/SSIM (LPIPS when its weights are local) against the baseline cell's samples, same seeds
+and once per quality setting a real-data row: held-out real images scored like a cell (reference.heldout_real).
 Every record carries the cell, its config hash and the environment. A rerun skips measurements whose
 (kind, config hash) is already recorded, so an interrupted study resumes where it stopped.
 
@@ -30,7 +31,7 @@ import torch
 
 from .cells import Cell, check_names, plan
 from .config import StudyConfig, to_dict
-from .reference import cache_dir, hw_text, reference_resolution, study_reference
+from .reference import REAL_ROW, cache_dir, heldout_real, hw_text, reference_resolution, study_reference
 from varbench.harness.core.records import SCHEMA, append_record, capture_env, config_hash, load_records
 from varbench.harness.core.registry import KV_POLICIES
 
@@ -56,15 +57,18 @@ def _precision(study: StudyConfig, device: str) -> str:
 
 
 def build_cell(cell: Cell, device: str):
-    """The cell's variant on `device`, with the study's engine configuration and the cell's KV policy."""
+    """The cell's variant on `device`, with the study's engine configuration, the cell's KV policy and its
+    acceleration."""
     from varbench.harness.core.registry import create_variant
+    from varbench.variants.accel import apply_acceleration
 
     engine = cell.config.engine.resolved(device)
     policy = KV_POLICIES.get(cell.kv_policy)(**cell.kv_args)
     try:
-        return create_variant(cell.variant, engine=engine, device=device, kv_policy=policy, **cell.variant_args)
+        variant = create_variant(cell.variant, engine=engine, device=device, kv_policy=policy, **cell.variant_args)
     except TypeError as err:
         raise ValueError(f"variant_args.{cell.variant}: {err}") from None
+    return apply_acceleration(variant, cell.acceleration, **cell.accel_args) if cell.accelerated else variant
 
 
 class _Run:
@@ -115,11 +119,21 @@ def _speed_hash(cell: Cell, batch: int, device: str) -> str:
                         "sample": to_dict(c.sample), "speed": to_dict(c.speed), "threads": c.threads})
 
 
+def _scorer(q) -> str | None:
+    """The extractor weights' sha256 ("random-init" for the seeded CNN): a folder resumed after the weights (or
+    the feature scale they carry) changed rescores its samples instead of keeping numbers on another scale."""
+    from varbench.harness.eval.extractors import resolve_weights, weights_sha256
+
+    if not q.metrics:
+        return None
+    return weights_sha256(resolve_weights(q.extractor, q.extractor_weights)) or "random-init"
+
+
 def _quality_hash(cell: Cell, device: str) -> str:
     c = cell.config
     return config_hash({"kind": "quality", "cell": cell.describe(), "device": device, "seed": c.seed,
                         "engine": to_dict(c.engine), "precision": _precision(c, device),
-                        "sample": to_dict(c.sample), "quality": to_dict(c.quality)})
+                        "sample": to_dict(c.sample), "quality": to_dict(c.quality), "scorer": _scorer(c.quality)})
 
 
 def _samples_hash(cell: Cell, device: str) -> str:
@@ -210,6 +224,8 @@ def _run_cells(study: StudyConfig, out: Path, rank: int, world: int, device: str
             samples[i] = path
             new += [rec] if rec else []
             bar.update(1)
+    if rank == 0:
+        new += _real_rows(run, cells, samples, bar)
     if study.quality is not None and study.quality.consistency and rank == 0:
         new += _consistency_all(run, cells, samples, bar)
     bar.close()
@@ -263,15 +279,55 @@ def _quality(run: _Run, cell: Cell, variant, bar) -> tuple[Path, dict[str, Any] 
     metrics = score(images, reference, q.metrics, q.extractor, q.extractor_weights, device=run.device,
                     bootstrap=q.bootstrap, seed=cell.config.seed) if q.metrics else {}
     provenance = {k: metrics.pop(k) for k in list(metrics) if isinstance(metrics[k], str)}
-    if reference is not None:  # what the samples were scored against, as configured, and at what size
-        ref_hw = hw if q.reference == "synthetic" else reference_resolution(q.reference)
-        provenance.update(reference_setting=q.reference,
-                          reference_resolution=hw_text(ref_hw) if ref_hw else "unknown (statistics only)")
+    if reference is not None:
+        provenance.update(_scored_against(q, hw))
     from varbench.harness.eval.grids import save_grid
 
     grid = save_grid(images[:GRID_IMAGES], _grid_path(run, merged))
     return merged, run.record("quality", cell, chash, metrics, t0, samples=str(merged), quality=provenance,
                               num_samples=q.num_samples, weights=weights, grid=str(grid))
+
+
+def _scored_against(q, hw: tuple[int, int]) -> dict[str, Any]:
+    """What samples were scored against, as configured, and at what size."""
+    ref_hw = hw if q.reference == "synthetic" else reference_resolution(q.reference)
+    return {"reference_setting": q.reference,
+            "reference_resolution": hw_text(ref_hw) if ref_hw else "unknown (statistics only)"}
+
+
+def _real_rows(run: _Run, cells: list[Cell], samples: dict[int, Path], bar) -> list[dict[str, Any]]:
+    """One real-data record per distinct quality setting of the scored cells (module docstring), at the size of
+    that setting's samples; resumable like any record. Absent held-out images give a record saying why."""
+    from varbench.harness.eval.quality import score
+
+    out, seen = [], set()
+    for i, path in samples.items():
+        cell, q = cells[i], cells[i].config.quality
+        hw = reference_resolution(str(path))
+        if hw is None or not any(m != "isc" for m in q.metrics):
+            continue
+        plain = replace(q, consistency=False, lpips_weights=None)
+        chash = config_hash({"kind": "quality", "real_data": True, "hw": list(hw), "device": run.device,
+                             "seed": cell.config.seed, "quality": to_dict(plain), "scorer": _scorer(q)})
+        if chash in seen or ("quality", chash) in run.done():
+            continue
+        seen.add(chash)
+        bar.set_description(f"{REAL_ROW}: quality")
+        t0, held = time.time(), heldout_real(q, hw, run.device)
+        metrics, provenance = {}, {"heldout": f"absent: {held}"} if isinstance(held, str) else held[2]
+        if not isinstance(held, str):
+            metrics = score(held[0], held[1], q.metrics, q.extractor, q.extractor_weights, device=run.device,
+                            bootstrap=q.bootstrap, seed=cell.config.seed)
+            provenance.update({k: metrics.pop(k) for k in list(metrics) if isinstance(metrics[k], str)})
+        provenance.update(_scored_against(q, hw))
+        run.count += 1
+        rec = make_record(f"{run.run_id}/{run.count}", "quality", run.study.study,
+                          {"variant": REAL_ROW, "kv_policy": "-", "variant_args": {}, "kv_args": {}, "sweep": {}},
+                          REAL_ROW, chash, None, cell.config.seed, {}, {}, run.device, metrics, run.env, t0,
+                          quality=provenance, num_samples=q.num_samples, real_data=True, weights=None)
+        append_record(run.records_path, rec)
+        out.append(rec)
+    return out
 
 
 def _weights_file(merged: Path) -> Path:

@@ -42,7 +42,7 @@ _HELP = {
     "data": "an ImageNet-style folder DIR/train/<class>/*.jpg (+ DIR/val/) instead of the synthetic set",
     "workers": "DataLoader worker processes for --data (0: load in the training process)",
     "cond_drop": "var/hmar label dropout probability (the null class for classifier-free guidance)",
-    "vqvae": "var/hmar: the frozen tokenizer's weights (required; the zoo's is {zoo_vqvae})",
+    "vqvae": "var/hmar/vqvae-decoder: the frozen tokenizer's weights (required; the zoo's is {zoo_vqvae})",
     "init": "var/hmar: start from this model.pt instead of a fresh init (hmar: an HMAR or VAR state dict)",
     "from_scale": "var: loss only on scales >= N, a CoDe-style refiner (usually with --init a trained VAR)",
     "stage": "hmar: 1 = next-scale path, 2 = masked path (needs --init STAGE1/model.pt)",
@@ -58,6 +58,8 @@ _EPILOG = """builds:
 
 examples:
   varbench train vqvae --out runs/vqvae --steps 3000
+  varbench train vqvae-decoder --out runs/vqvae_dec --steps 1500 --batch-size 16 --vqvae {zoo_vqvae}
+      (fine-tunes the decoder only: encoder, quant conv and codebook stay bit-identical, so the tokens do)
   varbench train var --out runs/var_d3 --steps 1500 --depth 3 --vqvae {zoo_vqvae}
   varbench train var --out runs/refiner --steps 300 --depth 2 --from-scale 5 --init runs/var_d2/model.pt \\
       --vqvae {zoo_vqvae}
@@ -100,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_tokenizer(ap: argparse.ArgumentParser, ns: dict[str, Any], random_vqvae: bool) -> None:
     """var and hmar learn a tokenizer's tokens: without one they would silently train on random codes."""
+    if ns["kind"] == "vqvae-decoder":
+        if random_vqvae or not ns["vqvae"]:
+            ap.error("vqvae-decoder fine-tunes a trained tokenizer's decoder with its tokens frozen: pass --vqvae "
+                     f"PATH (the zoo's: {_zoo_vqvae()})")
+        if not Path(ns["vqvae"]).is_file():
+            ap.error(f"--vqvae {ns['vqvae']}: no such file")
+        return
     if ns["kind"] not in ("var", "hmar"):
         if random_vqvae:
             ap.error(f"--random-vqvae applies to kinds var and hmar, not {ns['kind']}")

@@ -104,6 +104,10 @@ def build_task(cfg: TrainConfig, rank: int, world: int) -> Task:
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     data, data_info = _data(cfg, sizes, rank, world)
+    if cfg.kind == "vqvae-decoder":  # a trained tokenizer's decoder, its tokens frozen (harness/train/decoder.py)
+        from .decoder import decoder_task
+
+        return decoder_task(cfg, _tokenizer(cfg, sizes, device), data, data_info, device, cfg.progress and rank == 0)
 
     def images_labels(x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
         return x.to(device), y.to(device)

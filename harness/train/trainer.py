@@ -2,6 +2,7 @@
 classifier: the small 64 px zoo on the synthetic set, or real sizes on an ImageNet-style folder (`--data`).
 
     python -m varbench.harness.train {vqvae,var,hmar,classifier} --out DIR --steps N [--depth D] [--resume]
+    python -m varbench.harness.train vqvae-decoder --vqvae V.pt --out DIR --steps N  # decoder only, tokens kept
     torchrun --standalone --nproc_per_node 2 -m varbench.harness.train var --out DIR --steps N --vqvae V.pt
     python -m varbench.harness.train var --from-scale 5 --init VAR/model.pt ...       # a CoDe-style refiner
     python -m varbench.harness.train hmar --stage 1 --out H1 ...                       # next-scale path
@@ -57,8 +58,8 @@ from .tasks import HELDOUT_START, Task, build_task
 
 __all__ = ["KINDS", "TrainConfig", "HELDOUT_START", "train", "lr_factor", "load_checkpoint"]
 
-KINDS = ("vqvae", "var", "hmar", "classifier")
-_DEFAULT_LR = {"vqvae": 1e-3, "var": 1e-3, "hmar": 1e-3, "classifier": 1e-3}
+KINDS = ("vqvae", "vqvae-decoder", "var", "hmar", "classifier")
+_DEFAULT_LR = {"vqvae": 1e-3, "vqvae-decoder": 3e-4, "var": 1e-3, "hmar": 1e-3, "classifier": 1e-3}
 CHECKPOINT, WEIGHTS, LOG, SUMMARY = "last.pt", "model.pt", "log.jsonl", "summary.json"
 # Settings a resumed run must share with the checkpoint (everything that changes the step sequence).
 _RESUME_KEYS = ("kind", "preset", "depth", "steps", "batch_size", "lr", "weight_decay", "beta1", "beta2",
@@ -123,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"workers must be >= 0 and applies to --data only, got {self.workers}")
         if self.scale_weights not in ("lognormal", "uniform"):
             raise ValueError(f"scale_weights must be 'lognormal' or 'uniform', got {self.scale_weights!r}")
+        if self.kind == "vqvae-decoder" and not self.vqvae:
+            raise ValueError("vqvae-decoder fine-tunes a trained tokenizer's decoder: pass vqvae (--vqvae PATH)")
         self.lr = self.lr or _DEFAULT_LR[self.kind]
         if self.warmup_steps < 0:
             self.warmup_steps = max(1, self.steps // 50)
