@@ -107,9 +107,9 @@ def test_dry_run_conformance_steps(dry_run) -> None:
     hmar = by_step["conformance:hmar_d2"]
     assert hmar["kind"] == "conformance" and hmar["metrics"]["passed"] is True
     assert hmar["metrics"]["n_checks"] > 100 and hmar["metrics"]["n_failed"] == 0
-    if (CONFORMANCE / "llamagen_tiny" / "meta.json").is_file():
-        skipped = by_step["conformance:llamagen_tiny"]
-        assert skipped["kind"] == "skipped" and "unsupported fixture kind" in skipped["metrics"]["skipped"]
+    if (CONFORMANCE / "llamagen_tiny" / "meta.json").is_file():  # every fixture family has a checker now
+        llamagen = by_step["conformance:llamagen_tiny"]
+        assert llamagen["kind"] == "conformance" and llamagen["metrics"]["passed"] is True
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def test_two_gloo_ranks_under_torchrun_record_what_one_process_records(tmp_path)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     two = list(load_records(tmp_path / "two"))
-    assert [r["kind"] for r in two] == ["quality"]  # rank 0 alone writes records
+    assert [r["kind"] for r in two] == ["quality", "quality"]  # rank 0 alone writes records (the cell, real data)
     with np.load(one[0]["samples"]) as a, np.load(two[0]["samples"]) as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     # the same images give the same scores (to float64 summation order across processes)

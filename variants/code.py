@@ -169,8 +169,7 @@ class CoDe:
             p = x.shape[1]
             mods = rs.mods if rs.mods is not None else net.modulations(rs.cond)
             head = rs.head_mod if rs.head_mod is not None else net.head_modulation(rs.cond)
-            plan = r.acceleration.prefill_plan(r, rs, n) if rs.accel is not None else None  # FastVAR's pruning
-            hidden = net.run_blocks(x, mods, rs.cache, net.attn_bias_for_masking[:, :, :p, :p], plan=plan)
+            hidden = net.run_blocks(x, mods, rs.cache, net.attn_bias_for_masking[:, :, :p, :p])
             begin = net.begin_ends[n][0]
             logits = net.logits(hidden[:, begin:], head)  # (2B, pn_N², V): only scale N is guided
             discard = ()

@@ -105,8 +105,12 @@ def _zoo_var(depth: int, **kwargs: Any) -> VAR:
         return build_var(depth, name=f"var_zoo_d{depth}", config=var_config("zoo", depth), **kwargs)
     kwargs.setdefault("weights", zoo_file(f"var_d{depth}"))
     kwargs.setdefault("vae", zoo_file("vqvae"))
+    policy = kwargs.pop("kv_policy", None)  # attached once the model has its zoo name: calibrations key on it
     variant = build_var(depth, name=f"var_zoo_d{depth}", **kwargs)
     variant.weights = f"{zoo_weights_note(f'var_d{depth}')}; vqvae {zoo_weights_note('vqvae')}"
+    if policy is not None:
+        variant.set_kv_policy(policy)
+        policy.prepare(variant)
     return variant
 
 

@@ -71,7 +71,7 @@ def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
         label, m = r.get("label"), r.get("metrics", {})
-        if label is None:
+        if label is None or r.get("real_data"):  # the real-data row is a yardstick, not a cell on the front
             continue
         row = rows.setdefault(label, {"cell": label})
         if r.get("kind") == "speed" and m.get("batch_size", 0) >= row.get("batch_size", 0):
