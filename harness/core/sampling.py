@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SampleConfig", "ScaleSampling", "Draw", "NonFiniteLogitsError", "Sampler", "filter_top_k_top_p_",
-           "draw_tokens", "sample_scale", "guide", "bad_logits", "CFG_MAX"]
+           "draw_tokens", "sample_scale", "guide", "bad_logits", "non_finite_error", "CFG_MAX"]
 
 PerScale = float | tuple[float, ...]
 CFG_MAX = 1000.0  # far above any published guidance scale; larger ones only overflow the guided fp32 logits
@@ -181,7 +181,7 @@ def draw_tokens(logits: Tensor, s: ScaleSampling, generator: torch.Generator | N
     try:  # multinomial already checks its input (one sync); diagnosing only on failure keeps success free
         tokens = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(b, n)
     except RuntimeError:
-        err = _non_finite(logits, scaled, s)
+        err = non_finite_error(logits, scaled, s)
         if err is None:
             raise
         raise err from None
@@ -198,7 +198,7 @@ def bad_logits(logits: Tensor) -> bool:
     return bool(logits.isnan().any() or logits.isposinf().any() or logits.isneginf().all(dim=-1).any())
 
 
-def _non_finite(filtered: Tensor, scaled: Tensor, s: ScaleSampling) -> NonFiniteLogitsError | None:
+def non_finite_error(filtered: Tensor, scaled: Tensor, s: ScaleSampling) -> NonFiniteLogitsError | None:
     """The error to raise when the sampler's input or its temperature made the probabilities invalid; None when
     the cause is something else (the caller then re-raises torch's own error)."""
     if bad_logits(filtered):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sampling import Draw, NonFiniteLogitsError, ScaleSampling, bad_logits, filter_top_k_top_p_
+from .sampling import Draw, NonFiniteLogitsError, ScaleSampling, bad_logits, filter_top_k_top_p_, non_finite_error
 
 __all__ = ["sample_bits", "guide_bits"]
 
@@ -52,12 +52,9 @@ def sample_bits(logits: Tensor, guided: bool, t: float, s: ScaleSampling, genera
     try:  # multinomial checks its input (one sync); diagnosing only on failure keeps success free
         bits = torch.multinomial(pairs.softmax(dim=-1).view(-1, 2), 1, True, generator=generator)
     except RuntimeError:
-        if bad_logits(logits):
-            raise NonFiniteLogitsError("non-finite logits reached the sampler", "input") from None
-        if bad_logits(scaled):
-            raise NonFiniteLogitsError(f"sampling.temperature = {s.temperature!r} made the logits non-finite "
-                                       "(dividing by it overflowed fp32): use a larger temperature",
-                                       "temperature") from None
+        err = non_finite_error(logits, scaled, s)  # the input or the temperature, named as VAR's sampler does
+        if err is not None:
+            raise err from None
         if bad_logits(pairs):
             raise NonFiniteLogitsError("non-finite logits reached the sampler", "input") from None
         raise

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sampling import Draw, NonFiniteLogitsError, ScaleSampling, bad_logits
+from .sampling import Draw, ScaleSampling, non_finite_error
 
 __all__ = ["TEMPERATURE_FLOOR", "filter_hf_top_k_top_p_", "guide_raster", "sample_raster"]
 
@@ -66,11 +66,8 @@ def sample_raster(logits: Tensor, guided: bool, t: float, s: ScaleSampling, gene
     try:  # multinomial checks its input; diagnosing only on failure keeps the step free of host syncs
         tokens = torch.multinomial(probs, num_samples=1, generator=generator).view(b, n)
     except RuntimeError:
-        if bad_logits(logits):
-            raise NonFiniteLogitsError("non-finite logits reached the sampler", "input") from None
-        if bad_logits(scaled):
-            raise NonFiniteLogitsError(f"sampling.temperature = {s.temperature!r} made the logits non-finite "
-                                       "(dividing by it overflowed fp32): use a larger temperature",
-                                       "temperature") from None
+        err = non_finite_error(logits, scaled, s)  # the input or the temperature, named as VAR's sampler does
+        if err is not None:
+            raise err from None
         raise
     return Draw(tokens, scaled, None)
