@@ -117,3 +117,13 @@ def test_the_footer_names_no_cache_path_and_says_uncommitted_changes_in_words():
     assert "- reference: synthetic_64px.npz (statistics aaaa1111)" in text
     dirty = results_table([_with_env(r, dirty=True) for r in RECORDS])
     assert "- git: 0123456789ab with uncommitted changes" in dirty and "(dirty)" not in dirty
+
+
+def test_speed_rows_say_which_engine_ran_so_an_engine_and_its_reference_never_look_alike():
+    full = {"precision": "fp32", "static_kv_cache": True, "weights_in_precision": True, "cache_conditioning": True,
+            "compile": False, "cuda_graphs": False, "channels_last_vae": True}
+    engines = [full, {k: (False if k != "precision" else v) for k, v in full.items()},
+               {**full, "compile": True}, {**full, "static_kv_cache": False}]
+    records = [{**_speed("a", 1000, 2, 5.0), "engine": e, "config_hash": str(i)} for i, e in enumerate(engines)]
+    frame = _csv(records)
+    assert list(frame.engine) == ["engine", "reference", "engine+compile", "engine (no static kv cache)"]

@@ -135,11 +135,19 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         for key, table in _DATASHEET.items():
             if key in name and dtype in table:
                 return table[dtype], f"datasheet:{key}"
+    return _measured_peak(str(device), dtype, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_peak(device_name: str, dtype: torch.dtype, threads: int) -> tuple[float, str]:
+    """Measured once per process (device, dtype, threads): an engine and its reference share one peak, so
+    their MFUs differ only by their own speed, not by the matmul's run-to-run noise."""
+    device = torch.device(device_name)
     n = 2048 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     timer = RegionTimer(device)
-    for i in range(4):
+    for i in range(11):
         with timer.region("mm" if i else "warmup"):
             a @ b
     ms, _ = p50_iqr(timer.elapsed_ms()["mm"])

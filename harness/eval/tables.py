@@ -50,6 +50,20 @@ def _label(r: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def engine_text(engine: dict[str, Any] | None) -> str:
+    """The engine features a speed record ran with, short: `reference` (the plain loop: every feature off),
+    `engine`, or `engine+compile` / `engine+cuda graphs`; a partial engine names what is off."""
+    if not engine:
+        return "n/a"
+    flags = {k: v for k, v in engine.items() if isinstance(v, bool)}
+    extras = ("compile", "cuda_graphs")
+    if not any(flags.values()):
+        return "reference"
+    off = [k for k, v in flags.items() if not v and k not in extras]
+    text = "engine" + "".join(f"+{k.replace('_', ' ')}" for k in extras if flags.get(k))
+    return text + (f" (no {', '.join(k.replace('_', ' ') for k in off)})" if off else "")
+
+
 def cell_key(r: dict[str, Any]) -> str:
     """What identifies a record's cell across its speed, quality and consistency records."""
     cell = r.get("cell")
@@ -95,8 +109,8 @@ def _speed_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, Any]
     rows = []
     for r in speed:
         m = r["metrics"]
-        row = {**_label(r), "batch": m.get("batch_size", r.get("batch_size")), "dtype": m.get("precision"),
-               "params": m.get("params")}
+        row = {**_label(r), "engine": engine_text(r.get("engine")), "batch": m.get("batch_size", r.get("batch_size")),
+               "dtype": m.get("precision"), "params": m.get("params")}
         for s in cols:
             row[s.name if raw else s.header] = s(m)[0] if raw else s.format(m)
         rows.append(row)
