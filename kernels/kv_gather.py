@@ -8,7 +8,6 @@ caller tracks the new length. Written from that rule; no kernel code was copied.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .block_sparse_attn import resolve_impl

@@ -35,6 +35,7 @@ from .bsq_vae import BSQVAE, bits_to_codes, decode_flops, patchify, resize, unpa
 from .engine import DTYPES, EngineConfig
 from .infinity_model import InfinityNet, TextCond, pack_text
 from .infinity_schedule import rope_angles, rope_positions, scale_schedule, template_for
+from .params import OneNetwork
 
 __all__ = ["Infinity", "InfinityState", "load_prompts"]
 
@@ -74,7 +75,7 @@ def load_prompts(source: str | os.PathLike | Sequence[Tensor] | dict | None) -> 
     return [r.float() for r in rows], [str(n) for n in names]
 
 
-class Infinity:
+class Infinity(OneNetwork):
     """An Infinity transformer + BSQ VAE behind the loop's hooks and the evaluator's `Variant` protocol."""
 
     has_kv_cache: bool = False  # KV policies do not compose with Infinity yet (issue 14 item 5)
@@ -245,19 +246,8 @@ class Infinity:
     def depth(self) -> int:
         return self.cfg.depth
 
-    @property
-    def models(self) -> dict[str, Infinity]:
-        return {self.name: self}
-
     def stages(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(self.name, tuple(range(len(self.schedule))))]
-
-    def param_count(self) -> int:
-        """Parameters of the transformer (the VAE and the text encoder excluded)."""
-        return sum(p.numel() for p in self.net.parameters())
-
-    def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.net.parameters())
 
     def flops_per_image(self) -> float:
         """Model FLOPs (2 per MAC) of one guided generation: both halves, attention over the cache, the head on

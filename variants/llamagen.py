@@ -44,6 +44,7 @@ from .llamagen_loading import (
 )
 from .llamagen_model import SIZES, LlamaGenConfig, LlamaGenNet, TokenKVCache, flops_per_image
 from .llamagen_vq import LlamaGenVQ, VQConfig, vq_decode_flops
+from .params import OneNetwork
 
 __all__ = ["LLAMAGEN_SAMPLING", "TEST_CONFIG", "LlamaGen", "RasterState", "build_llamagen", "cfg_steps"]
 
@@ -66,7 +67,7 @@ def cfg_steps(n_tokens: int, cfg_interval: float) -> list[bool]:
     return [n == 0 or not (cfg_interval > -1 and n - 1 > cfg_interval) for n in range(n_tokens)]
 
 
-class LlamaGen:
+class LlamaGen(OneNetwork):
     """A LlamaGen transformer + VQ tokenizer behind the loop's hooks, and what the evaluator reads of it."""
 
     has_kv_cache: bool = False  # the scale-wise KV policies do not apply to a token cache
@@ -175,18 +176,8 @@ class LlamaGen:
     def depth(self) -> int:
         return self.cfg.n_layer
 
-    @property
-    def models(self) -> dict[str, LlamaGen]:
-        return {self.name: self}
-
     def stages(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(self.name, (0,))]
-
-    def param_count(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
-
-    def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.net.parameters())
 
     def flops_per_image(self) -> float:
         return flops_per_image(self.cfg)

@@ -11,7 +11,7 @@ from .infinity_model import InfinityConfig, InfinityNet
 from .llamagen_model import LlamaGenConfig, LlamaGenNet
 from .var_model import VARConfig, VARNet
 
-__all__ = ["param_count"]
+__all__ = ["OneNetwork", "param_count"]
 
 _NETS: dict[type, type[nn.Module]] = {VARConfig: VARNet, HMARConfig: HMARNet, LlamaGenConfig: LlamaGenNet,
                                          InfinityConfig: InfinityNet}
@@ -26,3 +26,24 @@ def param_count(model: nn.Module | VARConfig | HMARConfig | LlamaGenConfig | Inf
                         f"{', '.join(t.__name__ for t in _NETS)}")
     with torch.device("meta"):
         return param_count(_NETS[type(model)](model))
+
+
+class OneNetwork:
+    """The Variant protocol's network fields for a variant that runs one transformer, `self.net` (VAR, HMAR,
+    Infinity, LlamaGen; CoDe composes two variants and reports both)."""
+
+    name: str
+    net: nn.Module
+
+    @property
+    def models(self) -> dict[str, OneNetwork]:
+        """The networks this variant runs, by role: itself."""
+        return {self.name: self}
+
+    def param_count(self) -> int:
+        """Parameters of the transformer (the tokenizer, shared by a family, and any text encoder excluded)."""
+        return param_count(self.net)
+
+    def param_bytes(self) -> int:
+        """Bytes of the transformer's weights as held (linears in the compute precision, the rest fp32)."""
+        return sum(p.numel() * p.element_size() for p in self.net.parameters())

@@ -27,7 +27,7 @@ from .accel import Acceleration, AccelState, accelerated_forward, apply_accelera
 from .engine import DTYPES, EngineConfig
 from .factory import register_model
 from .loading import load_var_net, load_vqvae, random_var_net, random_vqvae
-from .params import param_count  # noqa: F401  (re-exported)
+from .params import OneNetwork, param_count
 from .var_model import PATCH_NUMS, Modulation, VARConfig, VARNet, flops_per_image
 from .vqvae import VQVAE, VQVAEConfig, decode_flops
 
@@ -50,7 +50,7 @@ class VARState:
     cache_rows: str = "both"  # CFG rows `cache` holds: an acceleration may drop a half for the late scales
 
 
-class VAR:
+class VAR(OneNetwork):
     """A VAR transformer + VQVAE behind the loop's hooks, and what the evaluator reads of it (the `Variant`
     protocol of harness/core/loop.py). HMAR subclasses it; CoDe composes two."""
 
@@ -184,22 +184,9 @@ class VAR:
     def depth(self) -> int:
         return self.cfg.depth
 
-    @property
-    def models(self) -> dict[str, VAR]:
-        """The networks this variant runs, by role (one here; CoDe: drafter and refiner)."""
-        return {self.name: self}
-
     def stages(self) -> list[tuple[str, tuple[int, ...]]]:
         """(model name, scale indices it samples), in run order."""
         return [(self.name, tuple(range(len(self.patch_nums))))]
-
-    def param_count(self) -> int:
-        """Parameters of the transformer(s) (the VQVAE is shared by every variant of a family)."""
-        return sum(p.numel() for p in self.net.parameters())
-
-    def param_bytes(self) -> int:
-        """Bytes of the transformer's weights as held (linears in the compute precision, the rest fp32)."""
-        return sum(p.numel() * p.element_size() for p in self.net.parameters())
 
     def flops_per_image(self) -> float:
         """Model FLOPs of the network per generated image, VAE decode excluded."""
