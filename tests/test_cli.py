@@ -15,6 +15,15 @@ def test_list_shows_variants_with_exact_parameter_counts(capsys):
     assert "var_d16" in out and "310,283,520" in out and "2,353,893,904" in out and "test_var" not in out
 
 
+def test_list_shows_the_accelerations_beside_the_kv_policies(capsys):
+    assert main(["list"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    families = {cells[1].strip(): cells[2].strip() for cells in rows}
+    for method in ("fastvar", "skipvar", "stagevar", "litevar"):
+        assert families[method] == "acceleration"
+    assert families["snapkv"] == "kv_policy" and families["var_d16"] == "var"
+
+
 def test_bench_prints_one_json_object_with_the_required_fields(tmp_path, capsys):
     assert main(["bench", "--batch", "1", "--repeats", "2", "--vs-reference", "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)

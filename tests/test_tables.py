@@ -127,3 +127,12 @@ def test_speed_rows_say_which_engine_ran_so_an_engine_and_its_reference_never_lo
     records = [{**_speed("a", 1000, 2, 5.0), "engine": e, "config_hash": str(i)} for i, e in enumerate(engines)]
     frame = _csv(records)
     assert list(frame.engine) == ["engine", "reference", "engine+compile", "engine (no static kv cache)"]
+
+
+def test_an_accelerated_cell_is_told_apart_by_an_acceleration_column_that_plain_studies_do_not_get():
+    plain, fast = _quality("a", 30.0, "ref.npz", "aaaa"), _quality("a", 31.0, "ref.npz", "aaaa")
+    fast["cell"] = {**fast["cell"], "acceleration": "fastvar", "accel_args": {}}
+    fast["config_hash"] += "-fastvar"
+    frame = _csv([plain, fast])
+    assert list(frame.acceleration) == ["none", "fastvar"] and list(frame.fid) == [30.0, 31.0]
+    assert "acceleration" not in _csv([plain]).columns

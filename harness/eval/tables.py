@@ -44,7 +44,8 @@ def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _label(r: dict[str, Any]) -> dict[str, Any]:
     cell = r.get("cell", {})
-    row = {"variant": cell.get("variant", "?"), "KV policy": cell.get("kv_policy", "full")}
+    row = {"variant": cell.get("variant", "?"), "KV policy": cell.get("kv_policy", "full"),
+           "acceleration": cell.get("acceleration", "none")}
     for key, value in (cell.get("sweep") or {}).items():
         row[key] = value
     return row
@@ -221,6 +222,9 @@ def results_table(records: Iterable[dict[str, Any]], fmt: str = "md") -> str:
     if fmt not in ("md", "csv"):
         raise ValueError(f"unknown table format {fmt!r}; valid: md, csv")
     speed, quality = _speed_rows(records, fmt == "csv"), _quality_rows(records, fmt == "csv")
+    if all(row["acceleration"] == "none" for row in speed + quality):  # a study without the axis: no column
+        speed, quality = ([{k: v for k, v in row.items() if k != "acceleration"} for row in rows]
+                          for rows in (speed, quality))
     if fmt == "csv":
         import pandas as pd
 
