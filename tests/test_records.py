@@ -100,3 +100,23 @@ def test_this_checkout_reports_its_head_from_the_package_location_not_the_cwd(tm
         pytest.skip("the tests do not lie in a git clone")
     env = capture_env("cpu")
     assert env["git_sha"] == head and env["varbench"] and env["install"] in ("editable", "not installed", "copy")
+
+
+def test_a_regenerated_result_does_not_mark_the_code_dirty_but_a_code_change_does(tmp_path):
+    from varbench.harness.core.records import _clone_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "results" / "table.md").write_text("old\n")
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    (tmp_path / "results" / "table.md").unlink()  # a study regenerating its committed folder
+    assert _clone_state(tmp_path / "pkg")["git_dirty"] is False
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert _clone_state(tmp_path / "pkg")["git_dirty"] is True

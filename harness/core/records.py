@@ -44,11 +44,14 @@ def _git(cwd: Path, *args: str) -> str | None:
 
 
 def _clone_state(folder: Path) -> dict[str, Any] | None:
-    """The clone holding `folder`: its HEAD (12 hex digits), whether tracked files differ, its top folder."""
+    """The clone holding `folder`: its HEAD (12 hex digits), whether tracked files differ, its top folder.
+
+    Changes under `results/` do not count: regenerating a committed result rewrites it while the code that
+    measures it is the commit's."""
     sha = _git(folder, "rev-parse", "--short=12", "HEAD")
     if not sha:
         return None
-    dirty = bool(_git(folder, "status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(_git(folder, "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)results"))
     return {"git_sha": sha, "git_dirty": dirty, "git_source": _git(folder, "rev-parse", "--show-toplevel")}
 
 

@@ -182,8 +182,8 @@ def _flatten_kinds(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _footer(records: list[dict[str, Any]]) -> list[str]:
-    def distinct(get) -> str:
-        values = sorted({str(v) for r in records if (v := get(r)) is not None})
+    def distinct(get, among: list[dict[str, Any]] = records) -> str:
+        values = sorted({str(v) for r in among if (v := get(r)) is not None})
         return ", ".join(values) if values else "n/a"
 
     env = lambda key: (lambda r: r.get("env", {}).get(key))  # noqa: E731
@@ -194,8 +194,8 @@ def _footer(records: list[dict[str, Any]]) -> list[str]:
         names = _reference_names(quality)
         qual = lambda key: (lambda r: r.get("quality", {}).get(key))  # noqa: E731
         lines.append("extractor: " + distinct(qual("extractor")))
-        lines.append("feature scale: " + distinct(lambda r: r.get("quality", {}).get("feature_scale", OLD_SCALE)
-                                                  if r.get("metrics") else None))
+        lines.append("feature scale: " + distinct(lambda r: r.get("quality", {}).get("feature_scale", OLD_SCALE),
+                                                  quality))
         lines.append("reference: " + distinct(lambda r: _reference_text(r, names)))
         lines += [f"{REAL_ROW}: {held}" for held in sorted({str(q["quality"]["heldout"]) for q in quality
                                                             if q.get("real_data") and q.get("quality")})]
