@@ -312,3 +312,16 @@ def test_bench_records_the_policy_and_a_tenth_of_the_kv_bytes(capsys, tmp_path):
     assert result["kv_unverified"] == [] and result["kv_args_given"] == {"budget": 0.1}
     assert main(argv + ["--kv-policy", "streaming", "--kv-args", '{"budjet": 0.1}']) == 2
     assert "valid: budget, sink_tokens" in capsys.readouterr().err
+
+
+def test_scalekv_below_its_window_gets_the_same_hint(small):
+    policy = KV_POLICIES.get("scalekv")(budget=0.05)
+    policy.calibrate(small)  # ScaleKV types its layers first; the budget is checked when it plans
+    with pytest.raises(ValueError) as err:
+        policy.plan(small)
+    message = str(err.value)
+    assert "KV policy 'scalekv': a budget of 8 tokens (0.05 of this model's 155)" in message
+    assert """--kv-args '{"budget": 0.05, "window": 8}'""" in message
+    suggested = KV_POLICIES.get("scalekv")(budget=0.05, window=8)
+    suggested.calibrate(small)
+    assert suggested.plan(small).layers  # the suggestion plans

@@ -10,6 +10,7 @@ study's plan read before anything is built: `config` (architecture, for paramete
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -39,9 +40,10 @@ def register_model(name: str, build: Callable[..., Any], config: Any, doc: str, 
     factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
-    caller = inspect.stack()[1]  # where the model is registered, for `varbench list`'s "defined in"
-    factory.__module__ = caller.frame.f_globals.get("__name__", build.__module__)
-    factory.defined_at = f"{factory.__module__}:{caller.lineno}"  # type: ignore[attr-defined]
+    caller = sys._getframe(1)  # where the model is registered, for `varbench list`'s "defined in" (cheap,
+    # unlike inspect.stack(), which reads every frame's source: it ran once per registered model at import)
+    factory.__module__ = caller.f_globals.get("__name__", build.__module__)
+    factory.defined_at = f"{factory.__module__}:{caller.f_lineno}"  # type: ignore[attr-defined]
     factory.config = config  # type: ignore[attr-defined]
     factory.has_kv_cache = has_kv_cache  # type: ignore[attr-defined]
     return register_variant(factory)

@@ -90,9 +90,7 @@ class ScaleKV(KVPolicy):
 
     def groups(self, variant, budget: int, ends: list[int]) -> list[list[GroupPlan]]:
         w = self.args["window"]
-        if budget < w:
-            raise ValueError(f"KV policy 'scalekv': a budget of {budget} tokens is smaller than the observation "
-                             f"window ({w})")
+        self.require_budget(budget, ends[-1], w, "the observation window", "window", budget)
         depth = variant.cfg.depth
         drafters = self.drafters_of(variant, budget, ends)
         per_layer: list[list[int]] = [[] for _ in range(depth)]
