@@ -35,7 +35,7 @@ def tiny_zoo(tmp_path_factory) -> Path:
         train(TrainConfig("var", str(runs / f"var_d{d}"), steps=3, batch_size=8, depth=d,
                           vqvae=str(runs / "vqvae" / "model.pt"), **SMALL))
     dest = tmp_path_factory.mktemp("zoo")
-    zoo_build.export(runs, dest, train_minutes=0.1, names=TINY_ZOO)
+    zoo_build.export(runs, dest, train_minutes=0.1, names=TINY_ZOO, calibration_images=64)
     return dest
 
 
@@ -44,13 +44,24 @@ def test_export_writes_fp16_files_and_a_manifest_that_describes_them(tiny_zoo):
     assert set(doc["models"]) == set(TINY_ZOO) and doc["data"]["patch_nums"] == [1, 2, 3, 4, 5, 6, 8]
     for name, entry in doc["models"].items():
         state = torch.load(tiny_zoo / entry["file"], weights_only=True)
-        floats = [v for v in state.values() if v.is_floating_point()]
-        assert floats and all(v.dtype == torch.float16 for v in floats)
+        floats = [v for k, v in state.items() if v.is_floating_point() and k not in ("feature_mean", "feature_scale")]
+        assert floats and all(v.dtype == torch.float16 for v in floats)  # the classifier's scale buffers: fp32
         assert [s for s, _ in entry["loss_curve"]] == [1, 2, 3]
         assert entry["train_config"]["steps"] == 3 and entry["bytes"] == (tiny_zoo / entry["file"]).stat().st_size
     assert doc["models"]["var_d1"]["heldout"]["heldout_ce"] > 0
     assert doc["models"]["var_d2"]["params"] == T.param_count(load_var_net(tiny_zoo / "var_d2.pt"))
     assert 0 <= doc["models"]["classifier"]["heldout"]["heldout_acc"] <= 1
+
+
+def test_export_calibrates_the_classifier_feature_scale_so_a_retrained_zoo_scores_on_the_documented_scale(tiny_zoo):
+    from varbench.harness.eval.extractors import PROJECT_CNN, SCALE_KEYS, feature_scale_name
+
+    doc = json.loads((tiny_zoo / zoo.MANIFEST).read_text())
+    assert doc["models"]["classifier"]["feature_scale"]["images"] == 64
+    state = torch.load(tiny_zoo / "classifier.pt", weights_only=True)
+    assert all(state[k].dtype == torch.float32 for k in SCALE_KEYS)
+    weights = str(tiny_zoo / "classifier.pt")
+    assert feature_scale_name(PROJECT_CNN, weights).startswith("centred")
 
 
 def test_zoo_file_checks_the_manifest(tiny_zoo, tmp_path):
