@@ -12,6 +12,7 @@ which on a CPU with `torch.manual_seed(s)` equals the official global-generator 
 Settings read in LlamaGen's terms: `t` (sampling.cfg · step.cfg_ratio) is LlamaGen's cfg_scale; a raster
 variant marks the steps past `cfg_interval` with cfg_ratio 0, so they sample the conditional rows alone, as the
 official loop does. top_p is off at 1 (LlamaGen's value) and at 0 (SampleConfig's "off").
+Speculative decoding verifies drafts against these Draw.logits with sampling_verify.verify_drafts.
 """
 
 from __future__ import annotations
