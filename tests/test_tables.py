@@ -80,9 +80,12 @@ def test_the_shipped_default_table_as_csv():
     speed, quality = frame[frame.table == "speed"], frame[frame.table == "quality"]
     assert set(speed.dtype) == {"fp32"} and quality.precision.between(0, 1).all()
     params = dict(zip(speed.variant + " " + speed["KV policy"], speed.params))
-    assert dict(zip(quality.variant + " " + quality["KV policy"], quality.params)) == params
+    cells = quality[quality.variant != "real data (held-out)"]
+    assert dict(zip(cells.variant + " " + cells["KV policy"], cells.params)) == params  # real data: no params (empty)
     assert params["var_zoo_d5 full"] == 2479737
     assert set(quality.reference) == {"synthetic_64px_1000_seed20251123.npz"}
+    real = quality[quality.variant == "real data (held-out)"]
+    assert len(real) == 1 and real.fid.iloc[0] < cells.fid.min() / 10  # the floor sits far below every model
 
 
 def test_unknown_format_is_refused_with_the_valid_ones():
@@ -102,7 +105,7 @@ def test_the_real_data_row_comes_last_and_the_footer_names_its_held_out_images()
     frame = _csv([real, *RECORDS])  # written first (or anywhere), shown last
     quality = frame[frame.table == "quality"]
     assert list(quality.variant) == ["a", "b", "real data (held-out)"]
-    assert list(quality.fid) == [30.0, 20.0, 1.5] and quality.params.iloc[-1] == "-"
+    assert list(quality.fid) == [30.0, 20.0, 1.5] and pd.isna(quality.params.iloc[-1])  # no params: not a model
     text = results_table([real, *RECORDS])
     assert "- real data (held-out): synthetic images 1000..1255" in text
     # records without a recorded scale (before the feature scale existed) are named as such

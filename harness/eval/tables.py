@@ -128,7 +128,7 @@ def _quality_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, An
     for r in sorted(quality, key=lambda r: bool(r.get("real_data"))):  # stable: the real-data row last
         both = {**r["metrics"], **consistency.get(r.get("label"), {}).get("metrics", {})}
         reference = r.get("quality", {}).get("reference")
-        params = "-" if r.get("real_data") else speed.get(cell_key(r), {}).get("metrics", {}).get("params")
+        params = (None if raw else "-") if r.get("real_data") else speed.get(cell_key(r), {}).get("metrics", {}).get("params")
         row = {**_label(r), "params": params,
                "reference": references.get(str(reference), "n/a") if reference is not None else "n/a",
                "samples": r.get("num_samples", r["metrics"].get("num_samples"))}
