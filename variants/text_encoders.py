@@ -25,7 +25,7 @@ from torch import Tensor
 from varbench.harness.core.checkpoints import CheckpointError
 from varbench.harness.core.hashing import config_hash, text_sha256
 
-__all__ = ["TextEncoder", "PrecomputedEncoder", "load_t5_encoder", "tiny_t5_encoder", "text_encoder",
+__all__ = ["TextEncoder", "byte_tokenizer", "PrecomputedEncoder", "load_t5_encoder", "tiny_t5_encoder", "text_encoder",
            "TEXT_ENCODERS", "embedding_cache_dir"]
 
 FLAN_T5_XL = "google/flan-t5-xl"
@@ -144,14 +144,16 @@ def load_t5_encoder(source: str | os.PathLike = FLAN_T5_XL, allow_download: bool
     return TextEncoder(model, tokenizer, f"t5-{config_hash(identity)}", device, cache=cache)
 
 
-def _byte_tokenizer(vocab: int) -> Callable:
-    """A tokenizer for the random test encoder: UTF-8 bytes + EOS (id 1), padding id 0, as T5's call returns."""
+def byte_tokenizer(vocab: int, eos: int = 1, offset: int = 2) -> Callable:
+    """A tokenizer for random test models, called as a Hugging Face tokenizer is: UTF-8 bytes mapped to
+    `offset + b % (vocab - 2)`, then `eos`, padding id 0. T5's layout by default (EOS 1); the tiny CLIP puts EOS at
+    vocab - 1 (its legacy pooling takes the argmax id) with offset 1."""
     def tokenize(prompts, max_length: int, padding: str = "max_length", truncation: bool = True,
                  return_tensors: str = "pt") -> dict[str, Tensor]:
         ids = torch.zeros(len(prompts), max_length, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, text in enumerate(prompts):
-            row = [2 + b % (vocab - 2) for b in text.encode()][: max_length - 1] + [1]
+            row = [offset + b % (vocab - 2) for b in text.encode()][: max_length - 1] + [eos]
             ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
         return {"input_ids": ids, "attention_mask": mask}
     return tokenize
@@ -169,7 +171,7 @@ def tiny_t5_encoder(channels: int = 64, seed: int = 0, device: str | torch.devic
     for p in model.parameters():
         p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 1.0))
     key = f"test-t5-{config_hash({'channels': channels, 'seed': seed})}"
-    return TextEncoder(model, _byte_tokenizer(config.vocab_size), key, device, max_length=64, cache=cache)
+    return TextEncoder(model, byte_tokenizer(config.vocab_size), key, device, max_length=64, cache=cache)
 
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder | PrecomputedEncoder]] = {

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from varbench.harness.core.checkpoints import CheckpointError
 from varbench.harness.eval.resampling import bootstrap_draws, interval
-from varbench.variants.text_encoders import _downloads_allowed, _transformers
+from varbench.variants.text_encoders import _downloads_allowed, _transformers, byte_tokenizer
 
 __all__ = [
     "CLIP_L14",
@@ -129,19 +129,6 @@ def load_clip(source: str | os.PathLike = CLIP_L14, allow_download: bool | None 
     return CLIPEmbedder(model, processor.image_processor, processor.tokenizer, Path(str(source)).name, device)
 
 
-def _byte_tokenizer(vocab: int) -> Callable:
-    """UTF-8 bytes, then EOS = vocab - 1 (the largest id: CLIP's legacy pooling takes the argmax id), pad 0."""
-    def tokenize(prompts, max_length: int, padding: str = "max_length", truncation: bool = True,
-                 return_tensors: str = "pt") -> dict[str, Tensor]:
-        ids = torch.zeros(len(prompts), max_length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, text in enumerate(prompts):
-            row = [1 + b % (vocab - 2) for b in text.encode()][: max_length - 1] + [vocab - 1]
-            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-        return {"input_ids": ids, "attention_mask": mask}
-    return tokenize
-
-
 def tiny_clip_embedder(seed: int = 0, image_size: int = 32, width: int = 32, projection: int = 16,
                        device: str | torch.device = "cpu") -> CLIPEmbedder:
     """A small random CLIP (1 layer per tower, `width` wide, patch 8) with a byte tokenizer: no files needed."""
@@ -160,7 +147,8 @@ def tiny_clip_embedder(seed: int = 0, image_size: int = 32, width: int = 32, pro
         model = tf.CLIPModel(config)
     processor = tf.CLIPImageProcessor(size={"shortest_edge": image_size},
                                       crop_size={"height": image_size, "width": image_size})
-    return CLIPEmbedder(model, processor, _byte_tokenizer(vocab), f"test-clip-{seed}", device, max_tokens=context)
+    tokenizer = byte_tokenizer(vocab, eos=vocab - 1, offset=1)  # EOS the largest id: CLIP's legacy pooling
+    return CLIPEmbedder(model, processor, tokenizer, f"test-clip-{seed}", device, max_tokens=context)
 
 
 def clip_score(images: Tensor | np.ndarray, prompts: Sequence[str], embed: Embed, batch_size: int = 32,
