@@ -63,3 +63,6 @@ def test_frontier_notebook_plots_the_cells_of_a_run(default_records, tmp_path, m
     assert "7 cells" in text and "Pareto front:" in text and "FID ↓" in text
     assert figures == [1]  # the frontier figure is in the executed notebook, not lost to a non-GUI backend
     assert "reference" in text  # the quality table names what each row was scored against
+    out = Path(re.search(r"figures are written to (\S+)", text).group(1))
+    assert (out / "frontier.png").stat().st_size > 1000 and not out.is_relative_to(NOTEBOOKS.parent)
+    assert list((tmp_path / "cwd").iterdir()) == []

@@ -149,3 +149,17 @@ def test_two_gloo_ranks_under_torchrun_record_what_one_process_records(tmp_path)
     # the same images give the same scores (to float64 summation order across processes)
     for key in ("fid", "isc_mean"):
         assert two[0]["metrics"][key] == pytest.approx(one[0]["metrics"][key], rel=1e-6)
+
+
+def test_speed_reference_times_every_cell_in_the_reference_mode_too(tmp_path):
+    base = {**STUDY, "variants": ["test_var"], "kv_policies": ["full", "streaming"], "sweep": {}, "quality": False,
+            "speed": {"batch_sizes": [1], "warmup": 0, "repeats": 1}}
+    first = run_study(parse_study(base), tmp_path)
+    assert [r["label"] for r in first] == ["test_var full", "test_var streaming"]
+    both = {**base, "speed": {**base["speed"], "reference": True}}
+    added = run_study(parse_study(both), tmp_path)  # resumes: the engine records stand, the reference ones are new
+    assert [(r["label"], r["engine"]["static_kv_cache"]) for r in added] == [("test_var full", False),
+                                                                           ("test_var streaming", False)]
+    assert all(not any(v for k, v in r["engine"].items() if k != "precision") for r in added)
+    assert {r["baseline"] for r in first + added} == {"test_var full"}
+    assert run_study(parse_study(both), tmp_path) == []

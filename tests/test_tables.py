@@ -139,3 +139,32 @@ def test_an_accelerated_cell_is_told_apart_by_an_acceleration_column_that_plain_
     frame = _csv([plain, fast])
     assert list(frame.acceleration) == ["none", "fastvar"] and list(frame.fid) == [30.0, 31.0]
     assert "acceleration" not in _csv([plain]).columns
+
+
+def test_speedups_divide_by_the_baseline_cell_at_the_same_engine_and_batch():
+    full = {"precision": "fp32", "static_kv_cache": True, "compile": False}
+    reference = {k: (False if k != "precision" else v) for k, v in full.items()}
+
+    def timed(variant: str, engine: dict, ips: float, no_vae: float) -> dict:
+        r = _record("speed", variant, {"batch_size": 8, "precision": "fp32", "images_per_s": ips,
+                                       "images_per_s_without_vae": no_vae}, tag=str(engine) + variant)
+        return {**r, "engine": engine, "baseline": "a full"}
+
+    records = [timed("a", full, 10.0, 20.0), timed("a", reference, 5.0, 8.0),
+               timed("b", full, 15.0, 50.0), timed("b", reference, 6.0, 10.0)]
+    frame = _csv(records)
+    assert list(frame["speedup ↑"]) == [1.0, 1.0, 1.5, 1.2]  # b's engine / a's engine; b's reference / a's reference
+    assert list(frame["speedup w/o VAE ↑"]) == [1.0, 1.0, 2.5, 1.25]
+    assert "| 1.50× " in results_table(records)
+    assert "speedup ↑" not in _csv(records[:2]).columns  # the baseline alone: no ratio to show
+    assert "speedup ↑" not in _csv(RECORDS).columns  # records that name no baseline
+
+
+def test_a_cell_timed_both_ways_is_represented_by_its_engine_record_in_joins():
+    engine = {"precision": "fp32", "static_kv_cache": True}
+    reference = {"precision": "fp32", "static_kv_cache": False}
+    fast = {**_speed("a", 1000, 8, 9.0), "engine": engine, "config_hash": "e"}
+    slow = {**_speed("a", 1000, 8, 4.0), "engine": reference, "config_hash": "r"}
+    for order in ([fast, slow], [slow, fast]):
+        (row,) = cell_rows(order)
+        assert row["images_per_s"] == 9.0

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import stats
 
 from .fits import law_text
+from .tables import speed_rank
 
 __all__ = ["plot_fit", "fit_legend", "pareto_front", "frontier_rows"]
 
@@ -67,19 +68,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per cell label joining its speed (largest batch) and quality records: what a frontier plots."""
+    """One row per cell label joining its speed (largest batch; the engine over the reference mode) and quality
+    records: what a frontier plots."""
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
         label, m = r.get("label"), r.get("metrics", {})
         if label is None or r.get("real_data"):  # the real-data row is a yardstick, not a cell on the front
             continue
         row = rows.setdefault(label, {"cell": label})
-        if r.get("kind") == "speed" and m.get("batch_size", 0) >= row.get("batch_size", 0):
-            row.update(batch_size=m.get("batch_size"), images_per_s=m.get("images_per_s"),
+        if r.get("kind") == "speed" and speed_rank(r) >= row.get("_rank", (0, False)):
+            row.update(_rank=speed_rank(r), batch_size=m.get("batch_size"), images_per_s=m.get("images_per_s"),
                        peak_memory_bytes=m.get("peak_memory_bytes"), kv_bytes=m.get("kv_bytes"),
                        params=m.get("params"))
         elif r.get("kind") == "quality":
             row.update(fid=m.get("fid"), fid_ci95=m.get("fid_ci95"))
         elif r.get("kind") == "consistency":
             row.update(psnr_db=m.get("psnr_db"), ssim=m.get("ssim"))
-    return list(rows.values())
+    return [{k: v for k, v in row.items() if k != "_rank"} for row in rows.values()]

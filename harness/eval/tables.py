@@ -28,7 +28,8 @@ from tabulate import tabulate
 
 from .metrics import metrics_for
 
-__all__ = ["results_table", "latest", "cell_rows", "cell_key", "REAL_ROW", "OLD_SCALE"]
+__all__ = ["results_table", "latest", "cell_rows", "cell_key", "speed_rank", "REAL_ROW", "OLD_SCALE",
+           "SPEEDUP_COLUMNS"]
 
 REAL_ROW = "real data (held-out)"  # as harness/run/reference.py names the row (eval cannot import run)
 OLD_SCALE = "raw (a record older than the feature scale)"  # quality records that do not name theirs
@@ -84,11 +85,16 @@ def _speed_by_cell(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for r in records:
         if r.get("kind") != "speed":
             continue
-        batch = r.get("metrics", {}).get("batch_size") or 0
         key = cell_key(r)
-        if key not in best or batch >= (best[key].get("metrics", {}).get("batch_size") or 0):
+        if key not in best or speed_rank(r) >= speed_rank(best[key]):
             best[key] = r
     return best
+
+
+def speed_rank(r: dict[str, Any]) -> tuple[int, bool]:
+    """Which of a cell's speed records stands for it: the largest batch, then the engine over the reference
+    mode (a study with speed.reference times each cell both ways)."""
+    return r.get("metrics", {}).get("batch_size") or 0, engine_text(r.get("engine")) != "reference"
 
 
 def _reference_names(quality: list[dict[str, Any]]) -> dict[str, str]:
@@ -107,6 +113,7 @@ def _columns(records: list[dict[str, Any]], kind: str) -> list:
 def _speed_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, Any]]:
     speed = [r for r in records if r.get("kind") == "speed"]
     cols = _columns(speed, "speed")
+    ratios = _speedups(speed)
     rows = []
     for r in speed:
         m = r["metrics"]
@@ -114,8 +121,33 @@ def _speed_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, Any]
                "dtype": m.get("precision"), "params": m.get("params")}
         for s in cols:
             row[s.name if raw else s.header] = s(m)[0] if raw else s.format(m)
+        if ratios:
+            for name, value in zip(SPEEDUP_COLUMNS, ratios.get(id(r), (None, None))):
+                row[name] = value if raw or value is None else f"{value:.2f}×"
         rows.append(row)
     return rows
+
+
+SPEEDUP_COLUMNS = ("speedup ↑", "speedup w/o VAE ↑")
+
+
+def _speedups(speed: list[dict[str, Any]]) -> dict[int, tuple[float | None, float | None]]:
+    """Each speed record's images/s over its study's baseline cell's (the record's `baseline` label), at the same
+    engine, batch and device: with the VAE decode and without. {} when no record names a baseline, or the
+    baseline is the only cell (a speedup of 1 says nothing)."""
+    def where(r: dict[str, Any], label: Any) -> tuple:
+        return label, engine_text(r.get("engine")), r["metrics"].get("batch_size"), r.get("device")
+
+    by_cell = {where(r, r.get("label")): r["metrics"] for r in speed}
+    named = [r for r in speed if r.get("baseline") is not None]
+    if not named or len({r.get("label") for r in speed}) < 2:
+        return {}
+    out = {}
+    for r in named:
+        base, m = by_cell.get(where(r, r["baseline"])), r["metrics"]
+        out[id(r)] = tuple(m[k] / base[k] if base and m.get(k) and base.get(k) else None
+                           for k in ("images_per_s", "images_per_s_without_vae"))
+    return out
 
 
 def _quality_rows(records: list[dict[str, Any]], raw: bool) -> list[dict[str, Any]]:

@@ -37,11 +37,17 @@ QUALITY_METRICS = ("fid", "kid", "isc", "prc")
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    """The speed pass: each batch size is warmed up, then timed `repeats` times (median and IQR)."""
+    """The speed pass: each batch size is warmed up, then timed `repeats` times (median and IQR).
+
+    reference: also time every cell in the reference mode (`EngineConfig.reference`: the official algorithm and
+    numerics, every engine feature off, at the study's precision), so that a method's speedup reads against both
+    baselines, the engine and the official code's loop, from one run.
+    """
 
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     warmup: int = 2
     repeats: int = 10
+    reference: bool = False
 
 
 @dataclass(frozen=True)

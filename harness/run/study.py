@@ -34,6 +34,7 @@ from .config import StudyConfig, to_dict
 from .reference import REAL_ROW, cache_dir, heldout_real, hw_text, reference_resolution, study_reference
 from varbench.harness.core.records import SCHEMA, append_record, capture_env, config_hash, load_records
 from varbench.harness.core.registry import KV_POLICIES
+from varbench.variants.engine import EngineConfig
 
 __all__ = ["Cell", "plan", "check_names", "run_study", "resolve_device", "cache_dir", "OutputFolderError",
            "prepare_out", "lock_out", "reference_resolution"]
@@ -56,13 +57,13 @@ def _precision(study: StudyConfig, device: str) -> str:
     return study.engine.resolved(device).precision
 
 
-def build_cell(cell: Cell, device: str):
-    """The cell's variant on `device`, with the study's engine configuration, the cell's KV policy and its
-    acceleration."""
+def build_cell(cell: Cell, device: str, engine: EngineConfig | None = None):
+    """The cell's variant on `device`, with the study's engine configuration (or `engine`), the cell's KV policy
+    and its acceleration."""
     from varbench.harness.core.registry import create_variant
     from varbench.variants.accel import apply_acceleration
 
-    engine = cell.config.engine.resolved(device)
+    engine = (engine or cell.config.engine).resolved(device)
     policy = KV_POLICIES.get(cell.kv_policy)(**cell.kv_args)
     try:
         variant = create_variant(cell.variant, engine=engine, device=device, kv_policy=policy, **cell.variant_args)
@@ -87,11 +88,11 @@ class _Run:
         return {(r.get("kind"), r.get("config_hash")): r for r in load_records(self.records_path)}
 
     def record(self, kind: str, cell: Cell, chash: str, metrics: dict[str, Any], started: float,
-               **extra: Any) -> dict[str, Any]:
+               engine: EngineConfig | None = None, **extra: Any) -> dict[str, Any]:
         self.count += 1
         rec = make_record(f"{self.run_id}/{self.count}", kind, self.study.study, cell.describe(), cell.label, chash,
                           _precision(cell.config, self.device), cell.config.seed, to_dict(cell.config.sample),
-                          to_dict(cell.config.engine), self.device, metrics, self.env, started, **extra)
+                          to_dict(engine or cell.config.engine), self.device, metrics, self.env, started, **extra)
         append_record(self.records_path, rec)
         return rec
 
@@ -112,11 +113,21 @@ def make_record(rec_id: str, kind: str, study: str, cell: dict[str, Any], label:
             "duration_s": round(time.time() - started, 3)}
 
 
-def _speed_hash(cell: Cell, batch: int, device: str) -> str:
+def _speed_engines(study: StudyConfig) -> list[EngineConfig]:
+    """The engines a cell is timed with: the study's, then (speed.reference) the reference mode at the study's
+    precision."""
+    engines = [study.engine]
+    if study.speed.reference and study.engine != EngineConfig.reference(study.engine.precision):
+        engines.append(EngineConfig.reference(study.engine.precision))
+    return engines
+
+
+def _speed_hash(cell: Cell, batch: int, device: str, engine: EngineConfig) -> str:
     c = cell.config
+    speed = {k: v for k, v in to_dict(c.speed).items() if k != "reference"}  # what one record's timing depends on
     return config_hash({"kind": "speed", "cell": cell.describe(), "batch": batch, "device": device,
-                        "engine": to_dict(c.engine), "precision": _precision(c, device),
-                        "sample": to_dict(c.sample), "speed": to_dict(c.speed), "threads": c.threads})
+                        "engine": to_dict(engine), "precision": _precision(c, device),
+                        "sample": to_dict(c.sample), "speed": speed, "threads": c.threads})
 
 
 def _scorer(q) -> str | None:
@@ -207,16 +218,21 @@ def _run_cells(study: StudyConfig, out: Path, rank: int, world: int, device: str
     new: list[dict[str, Any]] = []
     bar = _bar(progress and rank == 0, cells, study)
     samples: dict[int, Path] = {}
+    baseline = cells[_baseline_index(study, cells)].label
     for i, cell in enumerate(cells):
         variant = None
         if cell.config.speed is not None:
+            built: dict[EngineConfig, Any] = {}
             for batch in cell.config.speed.batch_sizes:
-                chash = _speed_hash(cell, batch, device)
-                if rank == 0 and (("speed", chash) not in run.done()):
-                    bar.set_description(f"{cell.label}: speed, batch {batch}")
-                    variant = variant or build_cell(cell, device)
-                    new.append(_speed(run, cell, variant, batch, chash))
-                bar.update(1)
+                for engine in _speed_engines(cell.config):
+                    chash = _speed_hash(cell, batch, device, engine)
+                    if rank == 0 and (("speed", chash) not in run.done()):
+                        mode = "" if engine == cell.config.engine else " (reference mode)"
+                        bar.set_description(f"{cell.label}: speed, batch {batch}{mode}")
+                        built[engine] = built.get(engine) or build_cell(cell, device, engine)
+                        new.append(_speed(run, cell, built[engine], batch, chash, engine, baseline))
+                    bar.update(1)
+            variant = built.get(cell.config.engine)
         barrier()
         if cell.config.quality is not None:
             bar.set_description(f"{cell.label}: quality")
@@ -235,18 +251,28 @@ def _run_cells(study: StudyConfig, out: Path, rank: int, world: int, device: str
 def _bar(enabled: bool, cells: list[Cell], study: StudyConfig):
     from tqdm import tqdm
 
-    per_cell = len(study.speed.batch_sizes) if study.speed else 0
+    per_cell = len(study.speed.batch_sizes) * len(_speed_engines(study)) if study.speed else 0
     total = len(cells) * (per_cell + (1 if study.quality else 0))
     return tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True)
 
 
-def _speed(run: _Run, cell: Cell, variant, batch: int, chash: str) -> dict[str, Any]:
+def _speed(run: _Run, cell: Cell, variant, batch: int, chash: str, engine: EngineConfig,
+           baseline: str) -> dict[str, Any]:
+    """One speed record; `baseline` (the study's baseline cell) lets a table give every row its speedup."""
     from .bench import bench_variant
 
     t0 = time.time()
     s = cell.config.speed
     metrics = bench_variant(variant, batch, cell.config.sample, s.warmup, s.repeats, seed=cell.config.seed)
-    return run.record("speed", cell, chash, metrics, t0, batch_size=batch, weights=variant.weights)
+    return run.record("speed", cell, chash, metrics, t0, engine=engine, batch_size=batch, weights=variant.weights,
+                      baseline=baseline)
+
+
+def _baseline_index(study: StudyConfig, cells: list[Cell]) -> int:
+    """The baseline cell: the baseline variant (default: the first) with the first KV policy, at the first
+    acceleration and sweep point (plan order)."""
+    name = study.baseline or study.variants[0]
+    return next(j for j, c in enumerate(cells) if c.variant == name and c.kv_policy == study.kv_policies[0])
 
 
 def _quality(run: _Run, cell: Cell, variant, bar) -> tuple[Path, dict[str, Any] | None]:
@@ -367,8 +393,7 @@ def _consistency_all(run: _Run, cells: list[Cell], samples: dict[int, Path], bar
     from varbench.harness.eval.quality import fid_difference
 
     study, out = run.study, []
-    base_variant = study.baseline or study.variants[0]
-    base = next(j for j, c in enumerate(cells) if c.variant == base_variant and c.kv_policy == study.kv_policies[0])
+    base = _baseline_index(study, cells)
     done = run.done()
     for i, cell in enumerate(cells):
         if i == base or i not in samples or base not in samples:
