@@ -13,6 +13,12 @@ logits (the released scripts); k < 0 mixes the hidden state after block depth + 
 Engine mode (`EngineConfig()`): static KV cache written in place, weights held in the compute precision,
 conditioning (AdaLN, cross-attention keys/values of the text) computed once per call. `EngineConfig.reference()`:
 concatenated cache, fp32 weights (under autocast below fp32), conditioning per scale: the official algorithm.
+
+KV policies (variants/kv_policies.py) compose as with VAR: a compressing policy gets the self-attention cache
+(`CompressedKVCache`, every engine mode), evicts after each scale's attention, and selects per batch row and
+head, so the conditional and unconditional halves are compressed independently (as ScaleKV's released code does
+on Infinity, docs/INFINITY_SPEC.md §8). The text cross-attention keys are not cached tokens and stay whole.
+Compression needs a square schedule (h_div_w 1.0): the compressed cache counts pn² tokens per scale.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from varbench.harness.core.kv_cache import ConcatKVCache, StaticKVCache
+from varbench.harness.core.kv_cache import CompressedKVCache, ConcatKVCache, StaticKVCache
 from varbench.harness.core.loop import Step, StepOutput
 from varbench.harness.core.sampling import Draw, SampleConfig
 from varbench.harness.core.sampling_bitwise import sample_bits
@@ -35,6 +41,7 @@ from .bsq_vae import BSQVAE, bits_to_codes, decode_flops, patchify, resize, unpa
 from .engine import DTYPES, EngineConfig
 from .infinity_model import InfinityNet, TextCond, pack_text
 from .infinity_schedule import rope_angles, rope_positions, scale_schedule, template_for
+from .kv_base import KVGeometry
 from .params import OneNetwork
 
 __all__ = ["Infinity", "InfinityState", "load_prompts"]
@@ -78,7 +85,7 @@ def load_prompts(source: str | os.PathLike | Sequence[Tensor] | dict | None) -> 
 class Infinity(OneNetwork):
     """An Infinity transformer + BSQ VAE behind the loop's hooks and the evaluator's `Variant` protocol."""
 
-    has_kv_cache: bool = False  # KV policies do not compose with Infinity yet (issue 14 item 5)
+    has_kv_cache: bool = True  # KV policies apply, each CFG half compressed on its own (batch rows)
     reads_sampling: bool = True  # start() reads the per-scale cfg: batch halves and hidden-state guidance
     sampler = staticmethod(sample_bits)
     default_sampling: SampleConfig | None = None
@@ -91,9 +98,11 @@ class Infinity(OneNetwork):
         self.weights = "modules given by the caller"
         if engine.cuda_graphs:
             raise ValueError("cuda_graphs is not implemented for Infinity yet; use compile or the plain engine")
-        if kv_policy is not None and getattr(kv_policy, "name", None) != "full":
-            raise ValueError(f"Infinity offers no KV cache to compression policies yet (issue 14 item 5), so KV "
-                             f"policy {getattr(kv_policy, 'name', kv_policy)!r} cannot apply; use None or full")
+        if kv_policy is not None and not hasattr(kv_policy, "prepare"):
+            raise ValueError(f"{kv_policy!r} is not a KV policy: build one with KV_POLICIES.get(name)(**args)")
+        if getattr(kv_policy, "compresses", False) and engine.cuda_graphs:
+            raise ValueError(f"KV policy {kv_policy.name!r} evicts per scale; it cannot run with cuda_graphs")
+        self.kv_policy = None  # set after the schedule: set_schedule re-prepares a policy for a new schedule
         if xattn not in ("bf16", "fp32"):
             raise ValueError(f"xattn = {xattn!r}: choose 'bf16' (the official cross-attention) or 'fp32'")
         self.cfg = net.cfg
@@ -119,7 +128,9 @@ class Infinity(OneNetwork):
                     module.to(self.dtype)
             self.vae.decoder.to(self.dtype)
         self.vae.decoder.to(memory_format=torch.channels_last)
-        self._static_cache: StaticKVCache | None = None
+        self._static_cache: StaticKVCache | CompressedKVCache | None = None
+        self.kv_policy = kv_policy
+        self._check_policy()
         self._step_fn = torch.compile(self._network_step, dynamic=False) if self.engine.compile else \
             self._network_step
 
@@ -133,6 +144,9 @@ class Infinity(OneNetwork):
         cos, sin = rope_angles(rope_positions(self.schedule, self.template), self.cfg.width // self.cfg.heads)
         self._rope = cos.to(self.device), sin.to(self.device)
         self._static_cache = None
+        if self.kv_policy is not None:
+            self._check_policy()
+            self.kv_policy.prepare(self)  # calibrations are per schedule (model_key holds its length)
 
     @property
     def num_classes(self) -> int:
@@ -223,7 +237,10 @@ class Infinity(OneNetwork):
     def _network_step(self, x: Tensor, mods, text_kv, text_mask: Tensor, rope, cache, mix) -> Tensor:
         return self.net.run_blocks(x, mods, text_kv, text_mask, rope, cache, mix=mix)
 
-    def _cache(self, batch: int) -> StaticKVCache | ConcatKVCache:
+    def _cache(self, batch: int) -> StaticKVCache | ConcatKVCache | CompressedKVCache:
+        if getattr(self.kv_policy, "compresses", False):  # budget-sized buffers, compacted in place per scale
+            self._static_cache = self.kv_policy.cache(self, batch, self._static_cache)
+            return self._static_cache
         if not self.engine.static_kv_cache:
             return ConcatKVCache(self.cfg.depth)
         capacity = self.begin_ends[-1][1]
@@ -235,6 +252,33 @@ class Infinity(OneNetwork):
             self._static_cache = c
         c.reset()
         return c
+
+    # -- KV policies -----------------------------------------------------------------------------
+    @property
+    def kv_geometry(self) -> KVGeometry:
+        """What a KV policy reads: layers, heads, width and the (square) scale sides of the current schedule."""
+        if any(h != w for h, w in self.schedule):
+            raise ValueError(f"KV policy {getattr(self.kv_policy, 'name', None)!r} needs a square scale schedule "
+                             f"(h_div_w 1.0); this one is {self.schedule[-1][0]}x{self.schedule[-1][1]} at its last "
+                             "scale (the compressed cache counts pn² tokens per scale)")
+        return KVGeometry(self.cfg.depth, self.cfg.heads, self.cfg.width, self.patch_nums)
+
+    def _check_policy(self) -> None:
+        if getattr(self.kv_policy, "compresses", False):
+            self.kv_geometry  # noqa: B018  (raises on a non-square schedule)
+
+    @property
+    def kv_buffer(self) -> StaticKVCache | CompressedKVCache | None:
+        """The preallocated cache kept for the next call of the same shape (None before the first)."""
+        return self._static_cache
+
+    def set_kv_policy(self, policy) -> None:
+        """Runs later calls with another KV policy (a calibration pass records with its own); the buffer kept
+        for the old one is dropped."""
+        if getattr(policy, "compresses", False) and self.engine.cuda_graphs:
+            raise ValueError(f"KV policy {policy.name!r} evicts per scale; it cannot run with cuda_graphs")
+        self.kv_policy, self._static_cache = policy, None
+        self._check_policy()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32 or self.engine.weights_in_precision:

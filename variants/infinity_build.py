@@ -81,7 +81,11 @@ def build_infinity(model: str = "2b", *, weights: str | os.PathLike | None = Non
         h_div_w, pn: aspect ratio (nearest template) and size (0.06M, 0.25M, 0.60M, 1M; default 1M, test 0.06M).
         cfg_insertion_layer: 0 = guidance on logits; k < 0 = on the hidden state after block depth + k.
         xattn: "bf16" (the official cross-attention numerics) or "fp32".
+        kv_policy: a KV-cache policy object from `KV_POLICIES` (None or `full` keeps every entry); compressing
+            ones evict per CFG half, batch row and head, and need a square schedule (h_div_w 1.0).
     """
+    if kv_policy is not None and not hasattr(kv_policy, "prepare"):
+        raise ValueError(f"{kv_policy!r} is not a KV policy: build one with KV_POLICIES.get(name)(**args)")
     if model not in INFINITY_MODELS:
         raise ValueError(f"unknown Infinity model {model!r}; choose from {', '.join(INFINITY_MODELS)}")
     arch, vae_arch, preset, (net_file, vae_file) = INFINITY_MODELS[model]
@@ -107,6 +111,8 @@ def build_infinity(model: str = "2b", *, weights: str | os.PathLike | None = Non
                        pn or ("0.06M" if model == "test" else "1M"), cfg_insertion_layer, xattn, kv_policy)
     variant.default_sampling = preset
     variant.weights = f"random (seed {seed})" if random else str(weights or INFINITY_FILES[net_file])
+    if kv_policy is not None:
+        kv_policy.prepare(variant)  # offline calibration (ScaleKV, HACK) of this model and schedule, unless loaded
     return variant
 
 
@@ -135,11 +141,11 @@ def _listed(cfg: InfinityConfig) -> InfinityConfig | None:
 register_model("infinity_2b", build_infinity, _listed(INFINITY_MODELS["2b"][0]),
                "Infinity-2B, bitwise next-scale text-to-image, 1024 px (arXiv:2412.04431). Weights: "
                "FoundationVision/Infinity infinity_2b_reg.pth + infinity_vae_d32reg.pth; prompts as T5 embeddings.",
-               has_kv_cache=False, fixed={"model": "2b"})
+               has_kv_cache=True, fixed={"model": "2b"})
 register_model("infinity_8b", build_infinity, _listed(INFINITY_MODELS["8b"][0]),
                "Infinity-8B, 1024 px, 2x2 patchify VAE (arXiv:2412.04431). Weights: FoundationVision/Infinity "
                "infinity_8b_weights/ (sharded; pass the folder) + infinity_vae_d56_f8_14_patchify.pth.",
-               has_kv_cache=False, fixed={"model": "8b"})
+               has_kv_cache=True, fixed={"model": "8b"})
 register_model("test_infinity", build_infinity, _listed(INFINITY_MODELS["test"][0]),
                "Tiny random Infinity (depth 2, width 64, 16 bits, 256 px at pn 0.06M, 8 random prompts) for tests "
-               "and CPU smoke runs.", has_kv_cache=False, fixed={"model": "test"})
+               "and CPU smoke runs.", has_kv_cache=True, fixed={"model": "test"})

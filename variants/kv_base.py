@@ -1,10 +1,11 @@
 """The KV-policy base: settings checked by name, budgets, the per-model plan, scoring helpers, calibration I/O.
 
-A policy is an object given to a KV-cached variant (`build_var(kv_policy=...)`). It holds its settings and, for
-the policies with an offline phase (ScaleKV's layer typing, HACK's head typing), one calibration per model,
-keyed by the model's architecture and weights; everything that changes during a generation lives in the
-model's own cache (harness/core/kv_cache.py `CompressedKVCache`), so one policy object may serve several models
-(CoDe's drafter and refiner) without sharing state.
+A policy is an object given to a KV-cached variant (`build_var(kv_policy=...)`, `build_infinity(kv_policy=...)`),
+which it reads through `geometry` (layers, heads, width, scale sides: VAR's config, Infinity's `kv_geometry`). It
+holds its settings and, for the policies with an offline phase (ScaleKV's layer typing, HACK's head typing), one
+calibration per model, keyed by the model's architecture and weights; everything that changes during a
+generation lives in the model's own cache (harness/core/kv_cache.py `CompressedKVCache`), so one policy object
+may serve several models (CoDe's drafter and refiner) without sharing state.
 
 Budgets: a float in (0, 1] is a fraction of what `full` holds after the last scale (the sequence length L, per
 layer and head: 0.1 of VAR-256's 680 tokens is 68); an int is a token count per layer and head. Every policy
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,7 +27,8 @@ from torch import Tensor
 
 from varbench.harness.core.kv_cache import CompressedKVCache, GroupPlan, KVPlan, KVView
 
-__all__ = ["KVPolicy", "attention_probs", "pool_scores", "top_keep", "uniform_rows", "grid_centres", "model_key"]
+__all__ = ["KVPolicy", "KVGeometry", "attention_probs", "pool_scores", "top_keep", "uniform_rows", "grid_centres",
+           "geometry", "model_key"]
 
 CALIBRATION_LABELS = 10  # ScaleKV calibrates on 10 prompts; HACK's typing is stable from one sample
 _CHUNK = 1 << 24  # score elements per chunk of queries (bounds the transient memory of all-query scores)
@@ -77,9 +80,29 @@ def grid_centres(pn: int, grid: int) -> list[int]:
     return [r * pn + c for r in rows for c in rows]
 
 
+@dataclass(frozen=True)
+class KVGeometry:
+    """What a policy reads of a model's self-attention cache: layers, heads, width and the square scale schedule
+    (side per scale). VAR-family configs have these fields themselves; Infinity builds one (`kv_geometry`)."""
+
+    depth: int
+    heads: int
+    width: int
+    patch_nums: tuple[int, ...]
+
+    @property
+    def seq_len(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+
+def geometry(variant) -> KVGeometry:
+    """The model's `kv_geometry` where it has one (Infinity: from its current schedule), else its config."""
+    return getattr(variant, "kv_geometry", None) or variant.cfg
+
+
 def model_key(variant) -> str:
     """Calibrations are per model: architecture and weights."""
-    c = variant.cfg
+    c = geometry(variant)
     return f"d{c.depth}-w{c.width}-h{c.heads}-L{c.seq_len}:{variant.weights}"
 
 
@@ -158,10 +181,10 @@ class KVPolicy:
 
     def groups(self, variant, budget: int, ends: list[int]) -> list[list[GroupPlan]]:
         """Per layer, the head groups and their kept counts per scale. Default: all heads, the budget."""
-        return [[GroupPlan(None, (budget,) * len(ends))] for _ in range(variant.cfg.depth)]
+        return [[GroupPlan(None, (budget,) * len(ends))] for _ in range(geometry(variant).depth)]
 
     def plan(self, variant) -> KVPlan:
-        cfg = variant.cfg
+        cfg = geometry(variant)
         budget = self.budget_tokens(cfg.seq_len)
         ends = [sum(pn * pn for pn in cfg.patch_nums[: i + 1]) for i in range(len(cfg.patch_nums))]
         layers = tuple(tuple(layer) for layer in self.groups(variant, budget, ends))
@@ -175,7 +198,7 @@ class KVPolicy:
                                                                          variant.device, tokens):
             previous.reset()
             return previous
-        cfg = variant.cfg
+        cfg = geometry(variant)
         return CompressedKVCache(self, plan, batch2, cfg.heads, cfg.width // cfg.heads, variant.dtype,
                                  variant.device, tokens)
 
@@ -192,7 +215,8 @@ class KVPolicy:
         """Called once a model is built with this policy: calibrates it when the policy needs it and has none."""
         if self.needs_calibration and model_key(variant) not in self.calibrations:
             self.calibrate(variant)
-            self.sources[model_key(variant)] = f"auto: {CALIBRATION_LABELS} labels, g_seed 0"
+            count = min(CALIBRATION_LABELS, getattr(variant, "num_classes", CALIBRATION_LABELS))
+            self.sources[model_key(variant)] = f"auto: {count} labels, g_seed 0"
 
     def calibration_for(self, variant) -> dict:
         key = model_key(variant)
@@ -217,7 +241,8 @@ class KVPolicy:
                 raise ValueError("calibrate on a model built without cuda_graphs")
             stats = self.calibration_stats(model)
             n = model.num_classes
-            lab = labels if labels is not None else torch.arange(CALIBRATION_LABELS) * max(1, n // CALIBRATION_LABELS)
+            count = min(CALIBRATION_LABELS, n)  # Infinity's test model has 8 prompts
+            lab = labels if labels is not None else torch.arange(count) * max(1, n // count)
             saved = model.kv_policy
             model.set_kv_policy(_Recorder(stats))  # a full cache that hands every forward to the statistics
             try:
@@ -251,7 +276,7 @@ class _Recorder(KVPolicy):
         self.stats = stats
 
     def plan(self, variant) -> KVPlan:
-        cfg = variant.cfg
+        cfg = geometry(variant)
         layers = tuple((GroupPlan(None, (cfg.seq_len,) * len(cfg.patch_nums)),) for _ in range(cfg.depth))
         return KVPlan(tuple(cfg.patch_nums), layers, (False,) * len(cfg.patch_nums))
 

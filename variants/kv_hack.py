@@ -13,6 +13,9 @@ budget = alpha·B_C + (1 − alpha)·B_S with B_C = contextual_ratio·B_S, and r
 Heads of one type in a layer form one cache group (HACK reorders heads by type for grouped attention), so
 each group keeps equal counts and needs no padding mask; layers with both types hold two buffers.
 
+On Infinity (square schedules) the same: calibrated through the loop on the model's first min(10, prompts)
+prompts, the variance over both CFG halves' rows.
+
 Unverified (not published or code unavailable): alpha 0.5, contextual_ratio 0.25 (B_C ≪ B_S; HACK reports
 contextual heads surviving 90% compression and structural ones degrading beyond 50%), init_scales 2 and
 observe 32 (from the notes), 10 calibration labels (the notes: ~50 samples, stable from one). The LOOK-M-style
@@ -29,7 +32,7 @@ from torch import Tensor
 from varbench.harness.core.kv_cache import GroupPlan, KVView
 from varbench.harness.core.registry import register_kv_policy
 
-from .kv_base import KVPolicy, attention_probs, chunked_rows, top_keep, uniform_rows
+from .kv_base import KVPolicy, attention_probs, chunked_rows, geometry, top_keep, uniform_rows
 
 __all__ = ["HACK", "hack"]
 
@@ -56,7 +59,8 @@ class HACK(KVPolicy):
 
     # -- offline: head typing ----------------------------------------------------------------------
     def calibration_stats(self, variant) -> _VarianceStats:
-        return _VarianceStats(variant.cfg.depth, variant.cfg.heads, len(variant.cfg.patch_nums) - 1)
+        g = geometry(variant)
+        return _VarianceStats(g.depth, g.heads, len(g.patch_nums) - 1)
 
     def head_types(self, variant) -> list[list[str]]:
         """Per layer and head, the type: the alpha fraction of heads with the lowest variance is contextual."""

@@ -18,6 +18,14 @@ Allocation (`allocation`):
 - "paper": refiner budget decays linearly over the compressed scales, B_r = B·(refiner_start − refiner_decay·j),
   drafters share the rest (the paper's Infinity-2B ablation: B_r(0) = 600 of 650, δ = 70 per scale).
 
+Selection (`selection`): "ours" (default) is the above; "official" is the released `update_kv` as written
+(variants/kv_scalekv_official.py: the scores of "code", top-(capacity − window) of the non-window keys plus the
+window, capacities below the window raised to it). Either takes `budgets=PATH`, a budgets JSON in the released
+format ("Scale N" -> "Block i" flags, "Max", "Min"), in place of the calibrated allocation, and `gate`: no
+compression until a full cache would exceed it (ScaleKV's base capacity). The gate defaults to 650 with a budgets
+file (the released scripts' value, for Infinity-2B/8B at 1M), else to the budget in tokens (unverified elsewhere).
+On Infinity both CFG halves are compressed independently, as in the released code (per batch row and head).
+
 Unverified for VAR (the paper reports Infinity only and the calibration script is not released): `drafters`
 (the fraction of (layer, scale) pairs typed as drafters: 0.0625, between the released 2B JSON's 9/160 and 8B's
 15/200), `history_topk` (K′ of the history top-K′ ratio, not stated: here 10% of the history), `combiner`
@@ -33,10 +41,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from varbench.harness.core.kv_cache import GroupPlan, KVView
+from varbench.harness.core.kv_cache import GroupPlan, KVPlan, KVView
 from varbench.harness.core.registry import register_kv_policy
 
-from .kv_base import KVPolicy, attention_probs, chunked_rows, grid_centres, pool_scores, top_keep
+from .kv_base import KVPolicy, attention_probs, chunked_rows, geometry, grid_centres, pool_scores, top_keep
+from .kv_scalekv_official import RELEASED_GATE, budget_entry, official_keep, official_window, read_budgets
 
 __all__ = ["ScaleKV", "scalekv"]
 
@@ -48,12 +57,21 @@ class ScaleKV(KVPolicy):
     defaults: ClassVar[dict[str, Any]] = {
         "budget": 0.1, "scoring": "code", "allocation": "code", "window": 16, "kernel": 5, "drafters": 0.0625,
         "history_topk": 0.1, "combiner": "product", "refiner_start": 0.92, "refiner_decay": 0.108,
-        "calibration": None}
+        "calibration": None, "selection": "ours", "budgets": None, "gate": None}
     unverified: ClassVar[tuple[str, ...]] = ("drafters", "history_topk", "combiner", "allocation", "refiner_start",
                                              "refiner_decay", "calibration_labels")
     needs_calibration = True
 
     def check(self) -> None:
+        self._choice("selection", ("ours", "official"))
+        if self.args["selection"] == "official" and self.args["scoring"] != "code":
+            raise ValueError("KV policy 'scalekv': selection 'official' scores as the released code; leave scoring "
+                             f"at 'code' (got {self.args['scoring']!r})")
+        gate = self.args["gate"]
+        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, int) or gate < 0):
+            raise ValueError(f"KV policy 'scalekv': gate must be a token count >= 0 or None, got {gate!r}")
+        self.budget_table = read_budgets(self.args["budgets"]) if self.args["budgets"] else None
+        self.needs_calibration = self.budget_table is None  # a budgets file replaces the layer typing
         self._choice("scoring", ("code", "paper"))
         self._choice("allocation", ("code", "paper"))
         self._choice("combiner", ("product", "sum"))
@@ -68,16 +86,58 @@ class ScaleKV(KVPolicy):
 
     # -- offline: layer typing ---------------------------------------------------------------------
     def calibration_stats(self, variant) -> _ASIStats:
-        return _ASIStats(variant.cfg.depth, len(variant.cfg.patch_nums), self.args["history_topk"])
+        g = geometry(variant)
+        return _ASIStats(g.depth, len(g.patch_nums), self.args["history_topk"])
 
-    def drafters_of(self, variant, budget: int, ends: list[int]) -> set[tuple[int, int]]:
+    def gate_tokens(self, budget: int) -> int:
+        """Tokens a full cache may hold before compression starts: `gate`, else 650 with a budgets file (the
+        released scripts' max_capacity), else the budget."""
+        gate = self.args["gate"]
+        if gate is not None:
+            return gate
+        return RELEASED_GATE if self.budget_table is not None else budget
+
+    def plan(self, variant) -> KVPlan:
+        """Per layer and scale, the capacity; scales compress once a full cache would exceed the gate."""
+        g = geometry(variant)
+        budget = self.budget_tokens(g.seq_len)
+        gate = self.gate_tokens(budget)
+        ends = [sum(pn * pn for pn in g.patch_nums[: i + 1]) for i in range(len(g.patch_nums))]
+        if self.budget_table is not None:
+            layers = self._file_groups(g.depth, ends, gate)
+        else:
+            layers = self.groups(variant, budget, ends, gate)
+        return KVPlan(tuple(g.patch_nums), tuple(tuple(layer) for layer in layers),
+                      tuple(end > gate for end in ends), self.state)
+
+    def _file_groups(self, depth: int, ends: list[int], gate: int) -> list[list[GroupPlan]]:
+        """Capacities from the budgets file: entry budget_entry(si) for every scale past the gate."""
+        table, w = self.budget_table, self.args["window"]
+        some = next(iter(table.values()))
+        if len(some) != depth:
+            raise ValueError(f"ScaleKV budgets file {self.args['budgets']} lists {len(some)} blocks; the model has "
+                             f"{depth}")
+        rows: list[list[int]] = [[] for _ in range(depth)]
+        for si, end in enumerate(ends):
+            n = budget_entry(si)
+            if end > gate and n not in table:
+                raise ValueError(f"ScaleKV budgets file {self.args['budgets']} has no 'Scale {n}', which scale index "
+                                 f"{si} needs (a full cache of {end} tokens exceeds the gate of {gate}); it has "
+                                 f"{', '.join(f'Scale {k}' for k in sorted(table))}")
+            for layer, row in enumerate(rows):
+                # The code raises a capacity below the window to the window (it keeps the window whole).
+                row.append(max(table[n][layer], w) if end > gate else end)
+        return [[GroupPlan(None, tuple(row))] for row in rows]
+
+    def drafters_of(self, variant, budget: int, ends: list[int], gate: int | None = None) -> set[tuple[int, int]]:
         """(layer, scale) pairs typed as drafters: the lowest per-scale z-scores of the ASI over the scales
         that are compressed, ranked together."""
         cal = self.calibration_for(variant)
         cur, top = torch.tensor(cal["current_ratio"]), torch.tensor(cal["history_topk_ratio"])
         asi = cur * top if self.args["combiner"] == "product" else cur + top
         depth = asi.shape[0]
-        compressed = [k for k, end in enumerate(ends) if end > budget]
+        gate = budget if gate is None else gate
+        compressed = [k for k, end in enumerate(ends) if end > gate]
         pairs = []
         for k in compressed:
             col = asi[:, k]
@@ -88,15 +148,16 @@ class ScaleKV(KVPolicy):
             count = max(1, count)
         return {(layer, k) for _, k, layer in sorted(pairs)[:count]}
 
-    def groups(self, variant, budget: int, ends: list[int]) -> list[list[GroupPlan]]:
+    def groups(self, variant, budget: int, ends: list[int], gate: int | None = None) -> list[list[GroupPlan]]:
         w = self.args["window"]
         self.require_budget(budget, ends[-1], w, "the observation window", "window", budget)
-        depth = variant.cfg.depth
-        drafters = self.drafters_of(variant, budget, ends)
+        gate = budget if gate is None else gate
+        depth = geometry(variant).depth
+        drafters = self.drafters_of(variant, budget, ends, gate)
         per_layer: list[list[int]] = [[] for _ in range(depth)]
         j = 0  # index among compressed scales (the paper's linear decay runs over them)
         for k, end in enumerate(ends):
-            if end <= budget:
+            if end <= gate:
                 for row in per_layer:
                     row.append(end)
                 continue
@@ -132,6 +193,11 @@ class ScaleKV(KVPolicy):
         return torch.arange(n - min(w, n), n, device=view.k.device)
 
     def select(self, view: KVView, n_keep: int) -> Tensor:
+        if self.args["selection"] == "official":
+            lo, hi = view.scale_slots
+            window = torch.tensor(official_window(hi - lo, self.args["window"], view.N), device=view.k.device)
+            raw = view.raw_queries(window - (view.N - view.n))
+            return official_keep(raw, view.k, window, n_keep, self.args["kernel"])
         rows = self.window_rows(view)[-n_keep:]
         slots = rows + (view.N - view.n)
         if self.args["scoring"] == "code":
@@ -182,6 +248,9 @@ def scalekv(**kwargs: Any) -> ScaleKV:
     pre-softmax logits, max-pool; "paper": summed softmax, avg-pool), allocation "code" (the released JSONs'
     drafter Max / refiner Min split). Unverified for VAR (see the module docstring): drafters 0.0625,
     history_topk 0.1, combiner product, refiner_start 0.92, refiner_decay 0.108, 10 calibration labels.
-    Calibrates itself on first use with a model unless given calibration=PATH (policy.save_calibration).
+    Calibrates itself on first use with a model unless given calibration=PATH (policy.save_calibration) or
+    budgets=PATH (a released budgets JSON, which replaces the calibrated allocation). selection "official": the
+    released update_kv (INFINITY_SPEC §8); gate: tokens a full cache holds before compression starts (default 650
+    with a budgets file, else the budget).
     """
     return ScaleKV(**kwargs)
