@@ -23,7 +23,7 @@ def test_bad_values_name_the_field_and_what_it_needs():
         parse_study({**BASE, "speed": {"repeats": "ten"}})
     with pytest.raises(ValueError, match=r"speed.batch_sizes\[1\]: expected int, got 2.5"):
         parse_study({**BASE, "speed": {"batch_sizes": [1, 2.5]}})
-    with pytest.raises(ValueError, match="unknown quality metric.*'fdi'.*valid: \\['fid', 'kid', 'isc', 'prc'\\]"):
+    with pytest.raises(ValueError, match="unknown quality metric.*'fdi'.*valid: \\['fid', 'kid', 'isc', 'prc', 'clip'\\]"):
         parse_study({**BASE, "quality": {"metrics": ["fdi"]}})
     with pytest.raises(ValueError, match="missing key"):
         parse_study({"study": "s"})

@@ -134,7 +134,7 @@ def load_t5_encoder(source: str | os.PathLike = FLAN_T5_XL, allow_download: bool
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(source), local_files_only=local_only, legacy=True)
         model = tf.T5EncoderModel.from_pretrained(str(source), local_files_only=local_only).to(dtype)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: huggingface_hub >= 1 on a missing path
         where = ("is not in the local Hugging Face cache and downloads are off" if local_only else
                  "could not be downloaded")
         raise CheckpointError(f"T5 encoder {source} {where} ({str(err).splitlines()[0][:160]}). Download "

@@ -115,7 +115,7 @@ def load_clip(source: str | os.PathLike = CLIP_L14, allow_download: bool | None 
     try:
         processor = tf.CLIPProcessor.from_pretrained(str(source), local_files_only=local_only)
         model = tf.CLIPModel.from_pretrained(str(source), local_files_only=local_only).to(dtype)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: huggingface_hub >= 1 on a missing path
         local = Path(str(source)).is_absolute() or str(source).startswith(".") or Path(str(source)).exists()
         if local:
             where, hub_id = "is not a folder holding a CLIP model and processor", CLIP_L14

@@ -74,6 +74,7 @@ for _spec in (
     MetricSpec("isc_mean", "IS", "quality", True),
     MetricSpec("precision", "precision", "quality", True, ".3f"),
     MetricSpec("recall", "recall", "quality", True, ".3f"),
+    MetricSpec("clip_score", "CLIP score", "quality", True),  # text-to-image cells (quality.prompts)
     MetricSpec("fid_delta", "ΔFID vs baseline", "consistency", False),
     MetricSpec("psnr_db", "PSNR dB", "consistency", True),
     MetricSpec("ssim", "SSIM", "consistency", True, ".3f"),

@@ -74,16 +74,20 @@ def plan(study: StudyConfig) -> list[Cell]:
     """Every distinct cell of the study, in a stable order. A sweep axis that cannot change a cell (another
     variant's or policy's arguments) is left out of its point, so that cell is measured once, not per value;
     a variant without a KV cache (factory attribute `has_kv_cache = False`, e.g. HMAR) runs with the first
-    policy only, and only unaccelerated (the accelerations modify VAR's scale steps; HMAR has its own)."""
+    policy only; a variant runs only the accelerations of its family (factory attribute `accelerates`: VAR's
+    scale-step methods, the raster methods for LlamaGen, none for HMAR and Infinity) and "none"."""
     import varbench.variants  # noqa: F401  (registers the built-in variants)
 
+    families = {a: accel_family(a) for a in study.accelerations}
     cells, seen = [], set()
     for point in sweep_points(study):
         config = at_point(study, point)
         for variant in study.variants:
-            cached = variant not in VARIANTS or getattr(VARIANTS.get(variant), "has_kv_cache", True)
+            factory = VARIANTS.get(variant) if variant in VARIANTS else None
+            cached = getattr(factory, "has_kv_cache", True)
             policies = study.kv_policies if cached else study.kv_policies[:1]  # no cache: one policy
-            accelerations = study.accelerations if cached else [a for a in study.accelerations if a == "none"]
+            family = getattr(factory, "accelerates", "scale")
+            accelerations = [a for a in study.accelerations if a == "none" or families[a] == family]
             for policy in policies:
                 for accel in accelerations:
                     own = {k: v for k, v in point.items() if _touches(k, variant, policy, accel)}
@@ -92,6 +96,11 @@ def plan(study: StudyConfig) -> list[Cell]:
                         seen.add(key)
                         cells.append(Cell(variant, policy, own, config, accel))
     return cells
+
+
+def accel_family(name: str) -> str:
+    """The model family a registered acceleration applies to ("scale" or "raster"), read off its defaults."""
+    return getattr(ACCELERATIONS.get(name)(), "family", "scale")
 
 
 def check_names(study: StudyConfig) -> None:
@@ -112,10 +121,17 @@ def check_names(study: StudyConfig) -> None:
         from varbench.harness.eval.extractors import resolve_weights
 
         resolve_weights(q.extractor, q.extractor_weights)
-        if q.reference is None and q.metrics != ("isc",):
+        if q.reference is None and any(m not in ("isc", "clip") for m in q.metrics):
             reference_source(None)
         if q.reference not in (None, "synthetic") and not Path(q.reference).exists():
             raise FileNotFoundError(f"quality.reference {q.reference!r} does not exist")
+    if q is not None and q.prompts is not None:  # the prompt file, read now: a missing one fails before sampling
+        from .text import study_prompts, takes_prompts
+
+        study_prompts(q)
+        if not any(takes_prompts(v) for v in study.variants):
+            raise ValueError(f"quality.prompts = {q.prompts!r}, but no variant of this study takes prompts "
+                             f"({', '.join(study.variants)}): text-to-image variants do (e.g. infinity_2b)")
 
 
 def check_args(study: StudyConfig) -> None:

@@ -30,9 +30,10 @@ from varbench.harness.core.sampling import SampleConfig
 from varbench.variants.engine import EngineConfig
 
 __all__ = ["SpeedConfig", "QualityConfig", "StudyConfig", "load_study", "parse_study",
-           "apply_overrides", "to_dict", "QUALITY_METRICS"]
+           "apply_overrides", "to_dict", "hashed_quality", "QUALITY_METRICS", "TEXT_METRICS"]
 
-QUALITY_METRICS = ("fid", "kid", "isc", "prc")
+QUALITY_METRICS = ("fid", "kid", "isc", "prc")  # the default set
+TEXT_METRICS = ("clip",)  # text-to-image only: need quality.prompts
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class QualityConfig:
     uint8 images (arr_0), a folder of images, or "synthetic" (the project's procedural data set, rendered at
     the model's resolution; meaningful only with the project's extractor). extractor: torch-fidelity's
     "inception-v3-compat" (needs its weights file locally) or the project's "varbench-cnn".
+
+    Text-to-image variants (those taking `prompts`, e.g. Infinity): `prompts` names a prompt set
+    (harness/eval/prompts.py: coco30k, mjhq30k, geneval, synthetic_captions), read from `prompts_path` or its
+    $VARBENCH_PROMPTS_<NAME>; the variant is given the set's first num_samples prompts in file order, and sample
+    i draws prompt i mod that count. Metric "clip" (CLIP score, 100·max(cos, 0), harness/eval/clip_score.py)
+    scores each image against its prompt with `clip_model`: a local CLIP folder or Hugging Face id (default
+    openai/clip-vit-large-patch14, never downloaded), or "test-clip" (a tiny random CLIP, for smoke runs).
     """
 
     num_samples: int = 50_000
@@ -70,6 +78,9 @@ class QualityConfig:
     bootstrap: int = 100
     consistency: bool = True
     lpips_weights: str | None = None
+    prompts: str | None = None
+    prompts_path: str | None = None
+    clip_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,9 +118,12 @@ class StudyConfig:
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (torch's default) or a thread count >= 1, got {self.threads}")
         if self.quality is not None:
-            bad = [m for m in self.quality.metrics if m not in QUALITY_METRICS]
+            bad = [m for m in self.quality.metrics if m not in QUALITY_METRICS + TEXT_METRICS]
             if bad:
-                raise ValueError(f"unknown quality metric(s) {bad}; valid: {list(QUALITY_METRICS)}")
+                raise ValueError(f"unknown quality metric(s) {bad}; valid: {list(QUALITY_METRICS + TEXT_METRICS)}")
+            if "clip" in self.quality.metrics and self.quality.prompts is None:
+                raise ValueError("quality.metrics has \"clip\" but quality.prompts names no prompt set: CLIP score "
+                                 "compares each image with its prompt (e.g. prompts = \"coco30k\")")
             if self.quality.num_samples < 1 or self.quality.block_size < 1:
                 raise ValueError("quality.num_samples and quality.block_size must be >= 1")
             if self.quality.bootstrap < 0:
@@ -271,6 +285,16 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# Quality settings added after results were first recorded enter a config hash only when set, so that a folder
+# measured before they existed resumes instead of measuring everything again.
+_HASHED_WHEN_SET = ("prompts", "prompts_path", "clip_model")
+
+
+def hashed_quality(q: QualityConfig) -> dict[str, Any]:
+    """`to_dict(q)` as config hashes see it."""
+    return {k: v for k, v in to_dict(q).items() if not (k in _HASHED_WHEN_SET and v is None)}
 
 
 def sweep_points(study: StudyConfig) -> list[dict[str, Any]]:

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from .cells import Cell, check_names, plan
-from .config import StudyConfig, to_dict
+from .config import StudyConfig, hashed_quality, to_dict
+from .text import clip_metrics, prompt_args, takes_prompts
 from .reference import REAL_ROW, cache_dir, heldout_real, hw_text, reference_resolution, study_reference
 from varbench.harness.core.records import SCHEMA, append_record, capture_env, config_hash, load_records
 from varbench.harness.core.registry import KV_POLICIES
@@ -65,8 +66,9 @@ def build_cell(cell: Cell, device: str, engine: EngineConfig | None = None):
 
     engine = (engine or cell.config.engine).resolved(device)
     policy = KV_POLICIES.get(cell.kv_policy)(**cell.kv_args)
+    args = {**cell.variant_args, **prompt_args(cell.variant, cell.variant_args, cell.config.quality)}
     try:
-        variant = create_variant(cell.variant, engine=engine, device=device, kv_policy=policy, **cell.variant_args)
+        variant = create_variant(cell.variant, engine=engine, device=device, kv_policy=policy, **args)
     except TypeError as err:
         raise ValueError(f"variant_args.{cell.variant}: {err}") from None
     return apply_acceleration(variant, cell.acceleration, **cell.accel_args) if cell.accelerated else variant
@@ -144,16 +146,16 @@ def _quality_hash(cell: Cell, device: str) -> str:
     c = cell.config
     return config_hash({"kind": "quality", "cell": cell.describe(), "device": device, "seed": c.seed,
                         "engine": to_dict(c.engine), "precision": _precision(c, device),
-                        "sample": to_dict(c.sample), "quality": to_dict(c.quality), "scorer": _scorer(c.quality)})
+                        "sample": to_dict(c.sample), "quality": hashed_quality(c.quality), "scorer": _scorer(c.quality)})
 
 
 def _samples_hash(cell: Cell, device: str) -> str:
     """What the samples depend on (not the scoring settings), so rescoring reuses them."""
     c = cell.config
     q = replace(c.quality, metrics=(), extractor="", extractor_weights=None, reference=None, bootstrap=0,
-                consistency=False, lpips_weights=None)
+                consistency=False, lpips_weights=None, clip_model=None)
     return config_hash({"cell": cell.describe(), "device": device, "seed": c.seed, "engine": to_dict(c.engine),
-                        "precision": _precision(c, device), "sample": to_dict(c.sample), "quality": to_dict(q)})
+                        "precision": _precision(c, device), "sample": to_dict(c.sample), "quality": hashed_quality(q)})
 
 
 def run_study(study: StudyConfig, out: str | Path, progress: bool = False) -> list[dict[str, Any]]:
@@ -299,11 +301,17 @@ def _quality(run: _Run, cell: Cell, variant, bar) -> tuple[Path, dict[str, Any] 
     if run.rank != 0:
         return merged, None
     images, weights = _load_images(merged), _samples_weights(cell, merged, variant, run.device)
-    needs_reference = any(m != "isc" for m in q.metrics)
+    image_metrics = [m for m in q.metrics if m != "clip"]
+    needs_reference = any(m != "isc" for m in image_metrics)
     hw = (images.shape[1], images.shape[2])
     reference = study_reference(q, hw, run.device) if needs_reference else None
-    metrics = score(images, reference, q.metrics, q.extractor, q.extractor_weights, device=run.device,
-                    bootstrap=q.bootstrap, seed=cell.config.seed) if q.metrics else {}
+    metrics = score(images, reference, image_metrics, q.extractor, q.extractor_weights, device=run.device,
+                    bootstrap=q.bootstrap, seed=cell.config.seed) if image_metrics else {}
+    if "clip" in q.metrics and takes_prompts(cell.variant):
+        import numpy as np
+
+        with np.load(merged) as saved:
+            metrics |= clip_metrics(images, saved["labels"], q, run.device, cell.config.seed)
     provenance = {k: metrics.pop(k) for k in list(metrics) if isinstance(metrics[k], str)}
     if reference is not None:
         provenance.update(_scored_against(q, hw))
@@ -330,11 +338,11 @@ def _real_rows(run: _Run, cells: list[Cell], samples: dict[int, Path], bar) -> l
     for i, path in samples.items():
         cell, q = cells[i], cells[i].config.quality
         hw = reference_resolution(str(path))
-        if hw is None or not any(m != "isc" for m in q.metrics):
+        if hw is None or not any(m not in ("isc", "clip") for m in q.metrics):
             continue
         plain = replace(q, consistency=False, lpips_weights=None)
         chash = config_hash({"kind": "quality", "real_data": True, "hw": list(hw), "device": run.device,
-                             "seed": cell.config.seed, "quality": to_dict(plain), "scorer": _scorer(q)})
+                             "seed": cell.config.seed, "quality": hashed_quality(plain), "scorer": _scorer(q)})
         if chash in seen or ("quality", chash) in run.done():
             continue
         seen.add(chash)
@@ -342,7 +350,7 @@ def _real_rows(run: _Run, cells: list[Cell], samples: dict[int, Path], bar) -> l
         t0, held = time.time(), heldout_real(q, hw, run.device)
         metrics, provenance = {}, {"heldout": f"absent: {held}"} if isinstance(held, str) else held[2]
         if not isinstance(held, str):
-            metrics = score(held[0], held[1], q.metrics, q.extractor, q.extractor_weights, device=run.device,
+            metrics = score(held[0], held[1], [m for m in q.metrics if m != "clip"], q.extractor, q.extractor_weights, device=run.device,
                             bootstrap=q.bootstrap, seed=cell.config.seed)
             provenance.update({k: metrics.pop(k) for k in list(metrics) if isinstance(metrics[k], str)})
         provenance.update(_scored_against(q, hw))
