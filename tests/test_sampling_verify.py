@@ -149,3 +149,32 @@ def test_bad_proposal_or_drafts_raise_value_error():
         verify_drafts(p_logits, q, drafts + 4, _gen(0))
     with pytest.raises(ValueError, match="expects p_logits"):
         verify_drafts(p_logits, q[:, :2], drafts, _gen(0))
+
+
+# -- draw_speculative: the loop's sampling of a step that carries drafts -------------------------------------------
+def test_draw_speculative_keeps_the_bonus_or_the_replacement_then_the_jacobi_draws():
+    """Greedy target (top_k = 1) over V = 4, L = 2 drafts + 1: argmax 1, 2, 3 at the three positions in row 0 and
+    1, 2, 0 in row 1. Row 0 drafts (1, 2): both accepted, the bonus is the draw at position 2 (3): final 3.
+    Row 1 drafts (1, 0): 1 accepted, 0 rejected and replaced from norm(max(0, p − q)) = p (token 2), then the
+    draw at position 2 (0) stands as a Jacobi state: final 2. Stream: the sampler's multinomial over the 3·2
+    position-major rows, then verify's (B, L) uniforms and its multinomial."""
+    from varbench.harness.core.sampling import ScaleSampling
+    from varbench.harness.core.sampling_raster import sample_raster
+    from varbench.harness.core.sampling_verify import Drafts, draw_speculative
+
+    peaks = torch.tensor([[1, 2, 3], [1, 2, 0]])
+    logits = torch.nn.functional.one_hot(peaks, 4).float() * 5.0  # (B, 3, V)
+    drafts = torch.tensor([[1, 2], [1, 0]])
+    q = torch.nn.functional.one_hot(drafts, 4).float()
+    s = ScaleSampling(top_k=1, top_p=1.0, temperature=1.0)
+    g = _gen(7)
+    out = draw_speculative(sample_raster, logits, False, 1.0, s, g, 0.0, Drafts(drafts, q))
+    assert out.tokens.tolist() == [[1, 2, 3], [1, 2, 0]]
+    assert out.final.tolist() == [3, 2] and out.verified.accepted.tolist() == [2, 1]
+    replay = _gen(7)
+    torch.multinomial(torch.ones(6, 4) / 4, 1, generator=replay)
+    torch.rand((2, 2), generator=replay)
+    torch.multinomial(torch.ones(2, 4) / 4, 1, generator=replay)
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=replay))
+    with pytest.raises(ValueError, match="a step with 2 drafts must feed 3 positions"):
+        draw_speculative(sample_raster, logits[:, :2], False, 1.0, s, _gen(0), 0.0, Drafts(drafts, q))

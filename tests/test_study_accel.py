@@ -22,6 +22,26 @@ def test_plan_crosses_accelerations_with_policies_and_leaves_hmar_plain():
     assert fast.describe()["acceleration"] == "fastvar" and fast.describe()["accel_args"] == {}
 
 
+def test_each_variant_gets_the_accelerations_of_its_family():
+    study = parse_study({**BASE, "variants": ["test_var", "test_llamagen", "test_infinity"],
+                         "accelerations": ["none", "fastvar", "sjd"]})
+    labels = [c.label for c in plan(study)]
+    assert labels == ["test_var full", "test_var full fastvar", "test_llamagen full", "test_llamagen full sjd",
+                      "test_infinity full"]
+
+
+def test_a_raster_method_runs_in_a_study_and_records_its_acceptance(tmp_path):
+    study = parse_study({**BASE, "variants": ["test_llamagen"], "accelerations": ["none", "sjd"], "quality": None,
+                         "speed": {"batch_sizes": [1], "warmup": 0, "repeats": 1}})
+    run_study(study, tmp_path)
+    plain, sjd = load_records(tmp_path / "records.jsonl")
+    assert "accel_report" not in plain["metrics"]
+    report = sjd["metrics"]["accel_report"]
+    assert sum(report["tokens_per_step"]) == 16 * 16  # every token of the 16x16 map, some steps taking several
+    assert report["network_evals"] == len(report["tokens_per_step"]) < 16 * 16
+    assert report["acceptance_rate"] == report["drafts_accepted"] / report["drafts_proposed"] > 0
+
+
 def test_accel_args_are_checked_before_measuring():
     with pytest.raises(ValueError, match="accel_args.fastvar: .*'bogus'.*valid: "):
         check_names(parse_study({**BASE, "accelerations": ["fastvar"], "accel_args": {"fastvar": {"bogus": 1}}}))

@@ -4,7 +4,7 @@
 calls `build_var(depth=16, **kwargs)`. `fixed` arguments belong to the model (its depth) and cannot be
 overridden; `defaults` can (a tiny test model's `weights="random"`). The factory carries what listing and a
 study's plan read before anything is built: `config` (architecture, for parameter counts on the meta device),
-`has_kv_cache`, and a signature with only the arguments a caller may pass (study keys are checked against it).
+`has_kv_cache`, `accelerates`, and a signature with only the arguments a caller may pass (study keys are checked against it).
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ __all__ = ["register_model"]
 
 
 def register_model(name: str, build: Callable[..., Any], config: Any, doc: str, *, has_kv_cache: bool = True,
-                   fixed: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None,
+                   accelerates: str | None = "scale", fixed: dict[str, Any] | None = None,
+                   defaults: dict[str, Any] | None = None,
                    signature_of: Callable[..., Any] | None = None) -> Callable[..., Any]:
-    """Registers `name` as `build(**fixed, **defaults, **kwargs)`. `signature_of`: the function whose keyword
-    arguments `build` forwards (when `build` takes **kwargs), so that the factory's signature lists them."""
+    """Registers `name` as `build(**fixed, **defaults, **kwargs)`. `accelerates`: the family of accelerations
+    (variants/accel/) the model takes: "scale" (VAR's scale steps), "raster" (next-token models), or None.
+    `signature_of`: the function whose keyword arguments `build` forwards (when `build` takes **kwargs), so that
+    the factory's signature lists them."""
     fixed, defaults = dict(fixed or {}), dict(defaults or {})
 
     def factory(**kwargs: Any) -> Any:
@@ -46,4 +49,5 @@ def register_model(name: str, build: Callable[..., Any], config: Any, doc: str, 
     factory.defined_at = f"{factory.__module__}:{caller.f_lineno}"  # type: ignore[attr-defined]
     factory.config = config  # type: ignore[attr-defined]
     factory.has_kv_cache = has_kv_cache  # type: ignore[attr-defined]
+    factory.accelerates = accelerates  # type: ignore[attr-defined]
     return register_variant(factory)

@@ -281,9 +281,9 @@ for _depth, (_size, _fid, _params, _source) in OFFICIAL_HMAR.items():
                    f"HMAR-d{_depth} (Kumbong et al. 2025, arXiv:2506.04421), {_size}, ImageNet 256 px, {_fid}.\n\n"
                    f"    Weights nvidia/HMAR hmar-d{_depth}.pth ({_params} parameters). Defaults: official mask "
                    f"schedule; sample with HMAR_SAMPLING[{_depth}] = cfg {_s.cfg}, top-k {_s.top_k}, top-p "
-                   f"{_s.top_p} ({_source}).", has_kv_cache=HMAR.has_kv_cache, fixed={"depth": _depth})
+                   f"{_s.top_p} ({_source}).", has_kv_cache=HMAR.has_kv_cache, accelerates=None, fixed={"depth": _depth})
 register_model("test_hmar", build_hmar, HMARConfig(depth=2, n_layers_train=1),
                "Tiny random HMAR (arXiv:2506.04421 layout; depth 2 = 1 base + 1 ns + 1 mask block, width 128, "
                "VQVAE ch 32).\n\n    For tests and CPU smoke runs, < 1 s per batch; official mask schedule, no "
-               "sampling preset.", has_kv_cache=HMAR.has_kv_cache, fixed={"depth": 2},
+               "sampling preset.", has_kv_cache=HMAR.has_kv_cache, accelerates=None, fixed={"depth": 2},
                defaults={"weights": "random", "n_layers_train": 1, "vae_ch": 32})

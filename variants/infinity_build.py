@@ -141,11 +141,11 @@ def _listed(cfg: InfinityConfig) -> InfinityConfig | None:
 register_model("infinity_2b", build_infinity, _listed(INFINITY_MODELS["2b"][0]),
                "Infinity-2B, bitwise next-scale text-to-image, 1024 px (arXiv:2412.04431). Weights: "
                "FoundationVision/Infinity infinity_2b_reg.pth + infinity_vae_d32reg.pth; prompts as T5 embeddings.",
-               has_kv_cache=True, fixed={"model": "2b"})
+               has_kv_cache=True, accelerates=None, fixed={"model": "2b"})
 register_model("infinity_8b", build_infinity, _listed(INFINITY_MODELS["8b"][0]),
                "Infinity-8B, 1024 px, 2x2 patchify VAE (arXiv:2412.04431). Weights: FoundationVision/Infinity "
                "infinity_8b_weights/ (sharded; pass the folder) + infinity_vae_d56_f8_14_patchify.pth.",
-               has_kv_cache=True, fixed={"model": "8b"})
+               has_kv_cache=True, accelerates=None, fixed={"model": "8b"})
 register_model("test_infinity", build_infinity, _listed(INFINITY_MODELS["test"][0]),
                "Tiny random Infinity (depth 2, width 64, 16 bits, 256 px at pn 0.06M, 8 random prompts) for tests "
-               "and CPU smoke runs.", has_kv_cache=True, fixed={"model": "test"})
+               "and CPU smoke runs.", has_kv_cache=True, accelerates=None, fixed={"model": "test"})

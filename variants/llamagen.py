@@ -9,8 +9,10 @@ the official loop does); with cfg <= 1 only the B conditional rows run (`start` 
 family's sampler is `sample_raster` (harness/core/sampling_raster.py).
 
 A step feeds `state.x` (the class embeddings, then the embeddings of the tokens last drawn) at positions
-`state.pos`…, and `commit` writes whatever the draw holds (B, l) at the next l raster slots: a later drafting
-method (SJD, ZipAR) can feed l > 1 positions per step through the same hooks and verify them in the sampling layer.
+`state.pos`…, and `commit` writes whatever the draw holds (B, l) at the next l raster slots. A raster
+acceleration (variants/accel/raster.py: SJD, LANTERN, ZipAR; set by `apply_acceleration`) takes over `steps`,
+`forward` and `commit` through the small helpers below (`run`, `embed_rows`, `write_tokens`, `guided_at`): it
+feeds several positions per step, carries drafts that the sampling layer verifies, and extends the step list.
 
 Engine (the baseline): one KV buffer kept between calls and written in place at device-tensor positions, the
 one-token step attending over the whole buffer under a causal-mask row (one shape for every step), so it can be
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,6 +62,7 @@ class RasterState:
     pos: int = 0  # sequence position of x's first row (0 = class token, 1 + n = image token n)
     filled: int = 0
     kv_bytes: list[int] = field(default_factory=list)
+    accel: Any = None  # a raster acceleration's per-call state (variants/accel/raster.py), None without one
 
 
 def cfg_steps(n_tokens: int, cfg_interval: float) -> list[bool]:
@@ -71,6 +75,7 @@ class LlamaGen(OneNetwork):
     """A LlamaGen transformer + VQ tokenizer behind the loop's hooks, and what the evaluator reads of it."""
 
     has_kv_cache: bool = False  # the scale-wise KV policies do not apply to a token cache
+    raster: bool = True  # next-token decoding: the raster accelerations apply (variants/accel/raster.py)
     reads_sampling: bool = True  # start() is given the SampleConfig: no null rows when cfg <= 1, as the official
     default_sampling: SampleConfig | None = None
 
@@ -106,9 +111,13 @@ class LlamaGen(OneNetwork):
         if engine.compile:
             self._step_fn = torch.compile(self.net.step, dynamic=False)
         self._graph: _StepGraph | None = None
+        self.acceleration = None  # a RasterAcceleration, set by apply_acceleration (variants/accel/)
+        self.acceleration_record: dict = {}
 
     # -- hooks -----------------------------------------------------------------------------------
     def steps(self) -> Sequence[Step]:
+        if self.acceleration is not None:
+            return self.acceleration.steps(self)
         guided = cfg_steps(self.cfg.block_size, self.cfg_interval)
         return [Step(0, n, 1.0 if g else 0.0) for n, g in enumerate(guided)]
 
@@ -122,9 +131,13 @@ class LlamaGen(OneNetwork):
                             guided)
         if self.engine.cuda_graphs:
             self._graph = _StepGraph.ready(self._graph, self, state)
+        if self.acceleration is not None:
+            state.accel = self.acceleration.begin(self, state)
         return state
 
     def forward(self, state: RasterState, step: Step) -> StepOutput:
+        if state.accel is not None:
+            return self.acceleration.forward(self, state, step)
         n = state.x.shape[1]
         if self._graph is not None and n == 1:
             logits = self._graph.replay(state)
@@ -134,14 +147,41 @@ class LlamaGen(OneNetwork):
         return StepOutput(logits, guided=state.guided)
 
     def commit(self, state: RasterState, step: Step, draw: Draw) -> None:
-        n = draw.tokens.shape[1]
-        state.tokens[:, state.filled: state.filled + n] = draw.tokens
-        state.pos += state.x.shape[1]
+        if state.accel is not None:
+            return self.acceleration.commit(self, state, step, draw)
+        self.write_tokens(state, draw.tokens)
+
+    # -- what a raster acceleration calls ------------------------------------------------------------
+    def run(self, state: RasterState, x: Tensor, pos: int | Tensor) -> Tensor:
+        """(R, l, V) logits of embeddings `x` fed at sequence positions pos…pos+l−1 (or at the (l,) positions
+        given), written into the cache."""
+        logits = self._step_fn(x, self._at(pos, x.shape[1]) if isinstance(pos, int) else pos, state.cache)
+        if isinstance(pos, int):  # given positions: the caller knows the extent on the host and sets it
+            state.cache.length = pos + x.shape[1]
+        return logits
+
+    def embed_rows(self, state: RasterState, tokens: Tensor) -> Tensor:
+        """(B, l) codes -> (R, l, C) embeddings for every row the step runs (the null rows repeat them)."""
+        x = self.net.token_embed(tokens)
+        return torch.cat([x, x]) if state.guided else x  # the official cat([x, x]) with guidance
+
+    def write_tokens(self, state: RasterState, tokens: Tensor, at: Tensor | None = None) -> None:
+        """Makes (B, l) tokens final: at the next l raster slots (then the last one is the next input), or at the
+        raster indices `at` (ZipAR's parallel rows, which feed their own inputs)."""
+        n = tokens.shape[1]
+        if at is None:
+            state.tokens[:, state.filled: state.filled + n] = tokens
+            state.pos = state.filled + n  # the next input is token filled + n − 1, at its position
+            state.x = self.embed_rows(state, tokens[:, -1:])
+        else:
+            state.tokens[:, at] = tokens
         state.filled += n
-        x = self.net.token_embed(draw.tokens)
-        state.x = torch.cat([x, x]) if state.guided else x  # the official cat([x, x]) with guidance
         if state.filled == self.cfg.block_size:
             state.kv_bytes.append(state.cache.nbytes())
+
+    def guided_at(self, token: int) -> float:
+        """cfg_ratio of the step that samples raster token `token` first (official cfg_interval rule)."""
+        return 1.0 if cfg_steps(token + 1, self.cfg_interval)[token] else 0.0
 
     def tokens(self, state: RasterState) -> list[Tensor]:
         return [state.tokens]
@@ -300,7 +340,7 @@ for _size, _what in _RELEASED_DOC.items():
     register_model(f"llamagen_{_size}", build_llamagen,
                    LlamaGenConfig(*SIZES[_size], block_size=(RELEASED_GPT[_size][0] // 16) ** 2),
                    f"LlamaGen GPT-{_size.upper()} c2i, raster AR, {_what}. Weights: FoundationVision/LlamaGen "
-                   f"(vq_ds16_c2i.pt tokenizer).", has_kv_cache=False, fixed={"size": _size})
+                   f"(vq_ds16_c2i.pt tokenizer).", has_kv_cache=False, accelerates="raster", fixed={"size": _size})
 register_model("test_llamagen", build_llamagen, TEST_CONFIG,
                "Tiny random LlamaGen (2 layers, width 64, 256 codes, VQ-16 ch 32) for tests and CPU smoke runs.",
-               has_kv_cache=False, fixed={"size": "test"}, defaults={"weights": "random", "vae_ch": 32})
+               has_kv_cache=False, accelerates="raster", fixed={"size": "test"}, defaults={"weights": "random", "vae_ch": 32})

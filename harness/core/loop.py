@@ -5,6 +5,11 @@ a scale; CoDe: the drafter's steps on one random stream, the refiner's on anothe
 questions per step: what are the logits (`forward`), what do the drawn tokens change (`commit`), and, at the
 end, what image do the tokens make (`decode`). The loop owns everything the papers compare on equal terms:
 classifier-free guidance, top-k/top-p/temperature, the random streams and their consumption order.
+
+A step may feed several positions (a raster model's parallel rows or drafted window) and may carry `Drafts`, which
+the sampling layer verifies against the step's own distribution (sampling_verify.draw_speculative) with the
+step's stream. The loop walks `steps()` by index, so a variant whose step count depends on what was accepted
+(SJD) returns a list it appends to while committing; every fixed schedule is walked exactly as before.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .sampling import CFG_MAX, Draw, NonFiniteLogitsError, Sampler, SampleConfig, bad_logits, draw_tokens, sample_scale
+from .sampling_verify import Drafts, SpeculativeDraw, draw_speculative
 
 __all__ = ["Step", "StepOutput", "ScaleVariant", "Variant", "Generation", "generate", "resolve_labels"]
 
@@ -38,6 +44,9 @@ class StepOutput(NamedTuple):
     # Draws to make and throw away before this step's own, as (scale index, (B, l, V) logits): CoDe's refiner
     # re-draws the drafted scales so that its stream stays aligned with single-model VAR.
     discard: tuple[tuple[int, Tensor], ...] = ()
+    # Drafted tokens for the first L of the step's L + 1 positions, verified in the sampling layer: commit then
+    # gets a SpeculativeDraw (sampling_verify.py) instead of a Draw.
+    drafts: Drafts | None = None
 
 
 @runtime_checkable
@@ -51,7 +60,7 @@ class ScaleVariant(Protocol):
     # optional: `reads_sampling = True`: `start(labels, sampling)` is given the call's SampleConfig (Infinity
     # decides its batch, unconditional half and hidden-state guidance from the per-scale cfg)
 
-    def steps(self) -> Sequence[Step]: ...
+    def steps(self) -> Sequence[Step]: ...  # walked by index: a list the variant appends to while committing
     def start(self, labels: Tensor) -> object: ...
     def forward(self, state: object, step: Step) -> StepOutput: ...
     def commit(self, state: object, step: Step, draw: Draw) -> None: ...
@@ -160,11 +169,15 @@ def generate(variant: ScaleVariant, labels: Tensor | int | None, sampling: Sampl
 
 
 def _draw(out: StepOutput, step: Step, sampling: SampleConfig, gen: torch.Generator | None, last: int,
-          sampler: Sampler) -> Draw:
-    """One step's sampling: the throw-away draws first (CoDe's, always VAR's sampler), then the step's own."""
+          sampler: Sampler) -> Draw | SpeculativeDraw:
+    """One step's sampling: the throw-away draws first (CoDe's, always VAR's sampler), then the step's own (with
+    its drafts verified, where it carries any)."""
     for si, thrown_away in out.discard:  # plain draws: the official prefill never smooths them
         draw_tokens(thrown_away, replace(sampling.at(si), more_smooth=False), gen, si / max(last, 1))
     t = sampling.cfg_at(step.si) * step.cfg_ratio
+    if out.drafts is not None:
+        return draw_speculative(sampler, out.logits, out.guided, t, sampling.at(step.si), gen,
+                                step.si / max(last, 1), out.drafts)
     return sampler(out.logits, out.guided, t, sampling.at(step.si), gen, step.si / max(last, 1))
 
 

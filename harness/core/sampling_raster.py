@@ -5,9 +5,9 @@
 Its order differs from VAR's (sampling.py) in three places: guidance is uncond + (cond − uncond)·cfg on the raw
 logits, applied only when cfg > 1; the temperature divides the logits BEFORE the filters (so it changes the
 top-p nucleus); top-p sorts descending and drops the tokens whose cumulative probability exceeds p, shifted by one
-(the token crossing p stays). One multinomial draws over the (B·l, V) rows from the stream the loop hands over,
-which on a CPU with `torch.manual_seed(s)` equals the official global-generator draw. top_k = 1 still draws
-(greedy by construction, but it consumes the stream as the official code does).
+(the token crossing p stays). One multinomial draws over the (l·B, V) rows, position-major, from the stream the
+loop hands over, which on a CPU with `torch.manual_seed(s)` equals the official global-generator draw. top_k = 1
+still draws (greedy by construction, but it consumes the stream as the official code does).
 
 Settings read in LlamaGen's terms: `t` (sampling.cfg · step.cfg_ratio) is LlamaGen's cfg_scale; a raster
 variant marks the steps past `cfg_interval` with cfg_ratio 0, so they sample the conditional rows alone, as the
@@ -63,9 +63,12 @@ def sample_raster(logits: Tensor, guided: bool, t: float, s: ScaleSampling, gene
     scaled = guide_raster(logits, guided, t) / max(s.temperature, TEMPERATURE_FLOOR)
     if s.top_k > 0 or 0.0 < s.top_p < 1.0:
         filter_hf_top_k_top_p_(scaled, s.top_k, s.top_p)
-    probs = scaled.softmax(dim=-1).view(-1, vocab)
+    # Position-major rows: one multinomial over (l·B) rows consumes the stream as l per-position calls over the B
+    # rows do (the exponential race, row after row), which is ZipAR's official order for a multi-row step
+    # (ThisisBillhe/ZipAR@2a5695ca generate_zipar.py samples each fed position in turn); l = 1 is unchanged.
+    probs = scaled.softmax(dim=-1).transpose(0, 1).reshape(-1, vocab)  # (l·B, V)
     try:  # multinomial checks its input; diagnosing only on failure keeps the step free of host syncs
-        tokens = torch.multinomial(probs, num_samples=1, generator=generator).view(b, n)
+        tokens = torch.multinomial(probs, num_samples=1, generator=generator).view(n, b).T.contiguous()  # (B, l)
     except RuntimeError:
         err = non_finite_error(logits, scaled, s)  # the input or the temperature, named as VAR's sampler does
         if err is not None:

@@ -22,6 +22,10 @@ rows' replacement distributions (rows that accepted every draft draw too, and th
 fixed amount keeps the step free of host syncs in the draw and its consumption a function of the shapes only.
 When every draft of a row is accepted, the "bonus" token of Algorithm 1 needs the target's logits at position
 L + 1, which the caller samples with the family's ordinary sampler.
+
+The loop (harness/core/loop.py) calls `draw_speculative` for a step whose StepOutput carries `Drafts`: the family's
+sampler first draws every fed position (the Jacobi update and the bonus token), then `verify_drafts` runs on the
+first L positions, both from the loop's stream in that order.
 """
 
 from __future__ import annotations
@@ -32,14 +36,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .sampling import NonFiniteLogitsError
+from .sampling import Draw, NonFiniteLogitsError, Sampler, ScaleSampling
 
-__all__ = ["Relaxation", "Verified", "verify_drafts"]
+__all__ = ["Drafts", "Relaxation", "ResidualQ", "SpeculativeDraw", "Verified", "draw_speculative", "verify_drafts"]
 
 Q_SUM_TOLERANCE = 1e-3  # proposal rows must sum to 1 within this (bf16/fp16 softmax outputs are off by ~1e-3)
 
 # The relaxed target mass p̃(x_i) at each draft, (B, L), from (p (B, L, V), drafts (B, L)).
 Relaxation = Callable[[Tensor, Tensor], Tensor]
+# What to subtract from p for the replacement, (B, L, V), from (p (B, L, V), drafts (B, L)).
+ResidualQ = Callable[[Tensor, Tensor], Tensor]
 
 
 class Verified(NamedTuple):
@@ -50,6 +56,44 @@ class Verified(NamedTuple):
     n_new: Tensor  # (B,) int64: accepted + 1 where a replacement was drawn (a rejection happened)
     valid: Tensor  # (B, L) bool: True on the first n_new positions, the tokens that are final
     replacement: Tensor  # (B,) int64: the token drawn at the first rejection (meaningless where n_new == accepted)
+
+
+class Drafts(NamedTuple):
+    """Drafted tokens a step carries to the sampling layer: candidates for the step's first L fed positions."""
+
+    tokens: Tensor  # (B, L) int64
+    q_probs: Tensor  # (B, L, V) the distribution each draft was drawn from
+    relax: Tensor | Relaxation | None = None  # LANTERN's p~ (verify_drafts' p_accept_probs); None = exact
+    residual_q: Tensor | ResidualQ | None = None  # verify_drafts' residual_q; None = q_probs
+
+
+class SpeculativeDraw(NamedTuple):
+    """A Draw (same first three fields) over the step's L + 1 positions, after verification."""
+
+    tokens: Tensor  # (B, L + 1): per row the `final` verified tokens, then the sampler's draws (Jacobi states)
+    logits: Tensor  # (B, L + 1, V) the sampler's logits, whose softmax is p at each fed position
+    soft: Tensor | None
+    verified: Verified  # verify_drafts' result on the first L positions
+    final: Tensor  # (B,) int64: tokens that are final per row, accepted + 1 (the replacement or the bonus)
+
+
+def draw_speculative(sampler: Sampler, logits: Tensor, guided: bool, t: float, s: ScaleSampling,
+                     generator: torch.Generator | None, ratio: float, drafts: Drafts) -> SpeculativeDraw:
+    """One speculative step's sampling: the family's sampler draws all L + 1 positions (L drafts + 1), then the L
+    drafts are verified against its p. Where a row accepted every draft, its bonus token is the sampler's draw at
+    position L, from the exact target (Algorithm 1's extra token); past a row's first rejection the sampler's draws
+    stand as the next drafts (SJD's Jacobi update)."""
+    n = drafts.tokens.shape[1]
+    if logits.shape[1] != n + 1:
+        raise ValueError(f"a step with {n} drafts must feed {n + 1} positions (the drafts and the one before them); "
+                         f"got logits for {logits.shape[1]}")
+    draw: Draw = sampler(logits, guided, t, s, generator, ratio)
+    verified = verify_drafts(draw.logits[:, :n], drafts.q_probs, drafts.tokens, generator, drafts.relax,
+                             drafts.residual_q)
+    valid = torch.cat([verified.valid, torch.zeros_like(verified.valid[:, :1])], dim=1)  # (B, L + 1)
+    verified_tokens = torch.cat([verified.tokens, draw.tokens[:, n:]], dim=1)
+    tokens = torch.where(valid, verified_tokens, draw.tokens)  # (B, L + 1)
+    return SpeculativeDraw(tokens, draw.logits, draw.soft, verified, verified.accepted + 1)
 
 
 def _check_inputs(p_logits: Tensor, q_probs: Tensor, drafts: Tensor) -> None:
@@ -97,7 +141,8 @@ def _relaxed_mass(relaxed: Tensor | Relaxation, p: Tensor, drafts: Tensor) -> Te
 
 
 def verify_drafts(p_logits: Tensor, q_probs: Tensor, drafts: Tensor, generator: torch.Generator | None,
-                  p_accept_probs: Tensor | Relaxation | None = None, residual_q: Tensor | None = None) -> Verified:
+                  p_accept_probs: Tensor | Relaxation | None = None,
+                  residual_q: Tensor | ResidualQ | None = None) -> Verified:
     """Verifies B chains of L drafted tokens against the target, all rows and positions at once.
 
     Args:
@@ -109,18 +154,21 @@ def verify_drafts(p_logits: Tensor, q_probs: Tensor, drafts: Tensor, generator: 
         p_accept_probs: None for exact speculative sampling. Else LANTERN's relaxation, used in the acceptance ratio
             only: a (B, L, V) tensor of relaxed target probabilities p̃, or a callable (p, drafts) -> (B, L)
             giving p̃ at each draft.
-        residual_q: (B, L, V) what to subtract from p to build the replacement distribution; None = q_probs.
-            LANTERN's code passes q with the draft's neighbourhood zeroed.
+        residual_q: (B, L, V) what to subtract from p to build the replacement distribution, or a callable
+            (p, drafts) -> (B, L, V) when it depends on p; None = q_probs. LANTERN's code passes q with the
+            draft's neighbourhood zeroed.
 
     Returns:
         Verified: per row, the accepted prefix plus one replacement at the first rejection.
     """
     _check_inputs(p_logits, q_probs, drafts)
+    b, n, _ = p_logits.shape
+    p = p_logits.float().softmax(dim=-1)  # (B, L, V)
+    if callable(residual_q):
+        residual_q = residual_q(p, drafts)
     if residual_q is not None and residual_q.shape != p_logits.shape:
         raise ValueError(f"residual_q must have p_logits' shape {tuple(p_logits.shape)}; got "
                          f"{tuple(residual_q.shape)}")
-    b, n, _ = p_logits.shape
-    p = p_logits.float().softmax(dim=-1)  # (B, L, V)
     q = q_probs.float()
     at_draft = drafts.unsqueeze(-1)
     if p_accept_probs is None:

@@ -4,8 +4,9 @@ Registered in `ACCELERATIONS` (a `Registry`, like `KV_POLICIES`): `fastvar` (arX
 pruning), `skipvar` (arXiv:2506.08908, per-sample step skipping and unconditional-branch dropping, its
 training-free rule), `stagevar` (arXiv:2512.16483, guidance off and low-rank compute in the late stage),
 `litevar` (arXiv:2411.17178, windowed attention and attention shared by the CFG halves; no quantization), and
-`none`. Each is a small object (variants/accel/base.py `Acceleration`) with its arguments checked by name; none
-copies the loop.
+`none`; for raster (next-token) models such as LlamaGen, `sjd` (arXiv:2410.01699), `lantern` (arXiv:2410.03355)
+and `zipar` (arXiv:2412.04062), dispatched to variants/accel/raster.py. Each is a small object
+(variants/accel/base.py `Acceleration`) with its arguments checked by name; none copies the loop.
 
 Use: `create_variant("var_zoo_d5", acceleration="fastvar", acceleration_args={"ratios": [0.4, 0.5]})`, or on
 any built variant (VAR, a CoDe pair, with any KV policy) `apply_acceleration(variant, "fastvar", **args)`, the
@@ -38,6 +39,10 @@ def apply_acceleration(variant, name: str | Acceleration | None, **args: Any):
     accel = ACCELERATIONS.get(name or "none")(**args) if not isinstance(name, Acceleration) else name
     if isinstance(name, Acceleration) and args:
         raise ValueError("give an acceleration's arguments either to its constructor or here, not both")
+    if getattr(variant, "raster", False) or getattr(accel, "family", "scale") == "raster":
+        from .raster import apply_raster  # raster (next-token) models: SJD, LANTERN, ZipAR (issue 16)
+
+        return apply_raster(variant, accel)
     models = list(getattr(variant, "models", {variant.name: variant}).values())
     for model in models:
         if not hasattr(model, "joins_acceleration") or getattr(model, "has_kv_cache", True) is False:

@@ -7,9 +7,12 @@ from typing import Any, ClassVar
 from . import ACCELERATIONS
 from .base import Acceleration
 from .fastvar import fastvar
+from .lantern import lantern
 from .litevar import litevar
 from .skipvar import skipvar
+from .sjd import sjd
 from .stagevar import stagevar
+from .zipar import zipar
 
 __all__ = ["NoAcceleration", "none"]
 
@@ -24,5 +27,5 @@ def none(**kwargs: Any) -> NoAcceleration:
     return NoAcceleration(**kwargs)
 
 
-for _factory in (none, fastvar, skipvar, stagevar, litevar):
+for _factory in (none, fastvar, skipvar, stagevar, litevar, sjd, lantern, zipar):
     ACCELERATIONS.add(_factory.__name__, _factory)
