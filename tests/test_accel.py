@@ -45,8 +45,8 @@ def same_scales(a, b) -> list[bool]:
 
 
 # -- registry and arguments -------------------------------------------------------------------------
-def test_registry_lists_the_four_methods_and_none():
-    assert ACCELERATIONS.list() == ["fastvar", "litevar", "none", "skipvar", "stagevar"]
+def test_registry_lists_the_scale_and_raster_methods_and_none():
+    assert ACCELERATIONS.list() == ["fastvar", "lantern", "litevar", "none", "sjd", "skipvar", "stagevar", "zipar"]
     for name in ACCELERATIONS.list():
         assert "arXiv" in ACCELERATIONS.get(name).__doc__ or name == "none"
 
@@ -179,12 +179,28 @@ def test_stagevar_runs_one_branch_on_representatives_in_the_late_stage(model, pl
 
 
 # -- LiteVAR ----------------------------------------------------------------------------------------
-def test_window_mask_is_a_raster_band_past_the_global_scales():
-    mask = window_mask((1, 2, 3), 2, window=1, global_scales=1, device=torch.device("cpu"))
+def test_window_mask_is_the_official_scaled_diagonal_band_past_the_global_scales():
+    # window 0.5: key scale 1 (4 keys) gets w = round(2) = 2, scale 2 (9 keys) w = round(4.5) = 4
+    mask = window_mask((1, 2, 3), 2, window=0.5, global_scales=1, device=torch.device("cpu"))
     assert mask.shape == (9, 14)
     assert mask[:, 0].all()  # scale 0 is global
-    assert mask[0, 1:5].tolist() == [True, True, False, False]  # |0 - j| <= 1 over scale 1's 4 keys
-    assert mask[4, 5:].tolist() == [False, False, False, True, True, True, False, False, False]
+    assert mask[0, 1:5].tolist() == [True, True, False, False]  # |0·4/9 - j| < 2
+    assert mask[8, 1:5].tolist() == [False, False, True, True]  # 8·4/9 = 3.56: |3.56 - j| < 2 for j = 2, 3
+    assert mask[4, 5:].tolist() == [False] + [True] * 7 + [False]  # own scale: |4 - j| < 4
+
+
+def test_masked_scores_become_zero_and_stay_in_the_softmax():
+    # LiteVAR@176ee6a mask_inference multiplies the scores by the 0/1 mask: a masked key keeps weight exp(0)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    visible = torch.tensor([[True, False, True], [False, True, True]])
+    cache = StaticKVCache(1, 2, 1, 3, 4, torch.float32, "cpu")
+    out = _Attend(None, share=False, visible=visible).attend(0, q, k, v, None, cache)
+    scores = q @ k.transpose(-1, -2)
+    want = torch.where(visible, scores, torch.zeros(())).softmax(-1) @ v
+    assert torch.allclose(out, want, atol=1e-6)
+    excluded = scores.masked_fill(~visible, -torch.inf).softmax(-1) @ v
+    assert (out - excluded).abs().max() > 1e-2  # not the -inf exclusion
 
 
 def test_shared_cfg_attention_applies_the_conditional_scores_to_each_half():
@@ -201,7 +217,10 @@ def test_litevar_windows_late_scales_and_records_the_kept_attention(model, plain
     _, out, report = run(model, "litevar", share_cfg=False)
     kept = report["attention_kept_per_scale"]
     assert kept[:3] == [1.0, 1.0, 1.0] and all(0 < k < 1 for k in kept[3:])
-    n, sizes = 16, [1, 4, 9, 16]  # scale 3: keys of scales 0, 1 whole, band |i - j| <= 4 over scales 2, 3
-    band = window_mask((1, 2, 3, 4), 3, round(0.25 * n), 2, torch.device("cpu"))
+    n, sizes = 16, [1, 4, 9, 16]  # scale 3: keys of scales 0, 1 whole, bands of w = 2 and 4 over scales 2, 3
+    band = window_mask((1, 2, 3, 4), 3, 0.25, 2, torch.device("cpu"))
     assert kept[3] == round(float(band.float().mean()), 4) and band.shape == (n, sum(sizes))
+    # hand count: scale 2 keeps the j with |9i/16 - j| < 2: 2, 3, 4 x 11, 3, 3, 2 keys for i = 0..15 (57 in all);
+    # scale 3 keeps |i - j| < 4: 16 + 2·(15 + 14 + 13) = 100
+    assert int(band.sum()) == n * 5 + 57 + 100
     assert same_scales(out, plain)[:3] == [True] * 3
