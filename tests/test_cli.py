@@ -54,6 +54,19 @@ def test_bench_writes_a_record_that_table_prints(tmp_path, capsys):
     assert "test_var" in table and "img/s" in table and "- git:" in table
 
 
+def test_bench_times_an_acceleration_and_records_it_as_a_study_cell(tmp_path, capsys):
+    assert main(["bench", "--variant", "test_llamagen", "--accel", "zipar", "--accel-args", '{"window": 8}',
+                 "--batch", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)["accel_report"]
+    assert sum(report["tokens_per_step"]) == 256 and report["network_evals"] < 256  # rows decoded in parallel
+    (record,) = load_records(tmp_path / "records.jsonl")
+    assert record["cell"]["acceleration"] == "zipar" and record["cell"]["accel_args"] == {"window": 8}
+    assert record["label"] == "test_llamagen full zipar"
+    assert main(["bench", "--variant", "test_llamagen", "--accel", "zipar", "--accel-args", '{"windw": 8}',
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "windw" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_unknown_variant_fails_at_once_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", "--variants", "var_d61", "--out", str(out)]) == 2

@@ -38,13 +38,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         from varbench.harness.core.registry import KV_POLICIES
 
-        try:
-            kv_args = json.loads(args.kv_args or "{}")
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--kv-args is not JSON ({err}); e.g. --kv-args '{{\"budget\": 0.1}}'") from None
-        if not isinstance(kv_args, dict):
-            raise ValueError(f"--kv-args must be a JSON object such as '{{\"budget\": 0.1}}', got {args.kv_args}")
+        kv_args = _json_object("--kv-args", args.kv_args, '{"budget": 0.1}')
         policy = KV_POLICIES.get(args.kv_policy or "full")(**kv_args)
+    accel_args = _json_object("--accel-args", args.accel_args, '{"window": 8}')
+    if args.accel is not None or accel_args:
+        from varbench.variants.accel import ACCELERATIONS
+
+        ACCELERATIONS.get(args.accel or "none")(**accel_args)  # unknown names and keys fail before any build
 
     def build(engine: EngineConfig):
         kwargs = {"engine": engine, "device": args.device}
@@ -56,7 +56,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             kwargs["kv_policy"] = policy
         if args.depth and not args.variant:
             kwargs["depth"] = args.depth
-        return create_variant(name, **kwargs)
+        variant = create_variant(name, **kwargs)
+        if args.accel is None and not accel_args:
+            return variant
+        from varbench.variants.accel import apply_acceleration
+
+        return apply_acceleration(variant, args.accel or "none", **accel_args)
 
     if args.reference:
         engine = EngineConfig.reference(args.precision)
@@ -83,10 +88,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                                    "latency_ms_per_scale", "vae_decode_ms", "peak_memory_bytes")}
         result["speedup_vs_reference"] = result["images_per_s"] / ref["images_per_s"]
         measured.append((ref_variant, ref, t1, " reference"))
-    path = _bench_records(args, out, name, kv_args if policy is not None else {}, measured)
+    path = _bench_records(args, out, name, kv_args if policy is not None else {}, accel_args, measured)
     print(json.dumps(result, indent=2))
     print(f"record: {path} (print it: varbench table {out})", file=sys.stderr)
     return 0
+
+
+def _json_object(option: str, text: str | None, example: str) -> dict:
+    """A JSON object given on the command line ({} when absent), or a ValueError naming the option."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{option} is not JSON ({err}); e.g. {option} '{example}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object such as '{example}', got {text}")
+    return value
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -117,7 +133,8 @@ def check_device(device: str) -> None:
                          f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
-def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict, measured: list) -> Path:
+def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict, accel_args: dict,
+                   measured: list) -> Path:
     """Appends one speed record per measurement to OUT/records.jsonl, in a study's speed-record schema (study
     "bench"; the reference loop's record has " reference" after its label); returns the records' path."""
     from varbench.harness.core.records import append_record, capture_env, config_hash
@@ -131,6 +148,8 @@ def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict
         variant_args["vae_ch"] = args.vae_ch
     cell = {"variant": name, "kv_policy": args.kv_policy or "full", "variant_args": variant_args,
             "kv_args": kv_args, "sweep": {}}
+    if (args.accel or "none") != "none":  # as a study's accelerated cell; a plain one keeps its old hash
+        cell |= {"acceleration": args.accel, "accel_args": accel_args}
     sample, env, run_id, path = to_dict(_sampling(args)), capture_env(args.device), new_run_id(), out / "records.jsonl"
     for i, (variant, metrics, started, suffix) in enumerate(measured, 1):
         engine, precision = to_dict(variant.engine), variant.engine.precision  # "auto" resolved by the variant
@@ -138,7 +157,8 @@ def _bench_records(args: argparse.Namespace, out: Path, name: str, kv_args: dict
                              "device": args.device, "engine": engine, "precision": precision,
                              "sample": sample, "speed": {"warmup": args.warmup, "repeats": args.repeats},
                              "threads": args.threads})
-        append_record(path, make_record(f"{run_id}/{i}", "speed", "bench", cell, f"{name} {cell['kv_policy']}{suffix}",
+        label = " ".join([name, cell["kv_policy"]] + ([args.accel] if "acceleration" in cell else [])) + suffix
+        append_record(path, make_record(f"{run_id}/{i}", "speed", "bench", cell, label,
                                         chash, precision, 0, sample, engine, args.device, metrics, env,
                                         started, batch_size=args.batch, weights=variant.weights,
                                         command=getattr(args, "command_line", None)))
@@ -173,6 +193,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--kv-policy", help="KV-cache policy: full, streaming, h2o, snapkv, pyramidkv, scalekv, hack")
     p.add_argument("--kv-args", help='JSON object of the policy\'s arguments, e.g. \'{"budget": 0.1}\'')
+    p.add_argument("--accel", help="acceleration (`varbench list`): fastvar, skipvar, stagevar, litevar (VAR); "
+                   "sjd, lantern, zipar (LlamaGen)")
+    p.add_argument("--accel-args", help='JSON object of the acceleration\'s arguments, e.g. \'{"window": 8}\'')
     p.add_argument("--out", help="folder for the speed record(s), printable by `varbench table` "
                    "(default: runs/bench-<time>)")
     p.set_defaults(fn=_cmd_bench)
