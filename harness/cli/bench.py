@@ -22,7 +22,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from varbench.harness.core.registry import create_variant
     from varbench.harness.run.bench import bench_variant
-    from varbench.harness.run.study import prepare_out
+    from varbench.harness.run.outdir import prepare_out
 
     _check_args(args)
     if args.threads:

@@ -18,7 +18,6 @@ with its process, so a killed run leaves none behind).
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from .cells import Cell, check_names, plan
+from .outdir import OutputFolderError, lock_out, prepare_out
 from .config import StudyConfig, hashed_quality, to_dict
 from .text import clip_metrics, prompt_args, takes_prompts
 from .reference import REAL_ROW, cache_dir, heldout_real, hw_text, reference_resolution, study_reference
@@ -42,10 +42,6 @@ __all__ = ["Cell", "plan", "check_names", "run_study", "resolve_device", "cache_
 
 log = logging.getLogger(__name__)
 GRID_IMAGES = 64  # each cell's grid: its first 64 samples, drawn from the same seeds in every cell
-
-
-class OutputFolderError(OSError):
-    """The output folder cannot be written, or another run holds it."""
 
 
 def resolve_device(device: str) -> str:
@@ -179,36 +175,6 @@ def run_study(study: StudyConfig, out: str | Path, progress: bool = False) -> li
     finally:
         torch.set_num_threads(threads)
         os.close(lock)  # releases the flock
-
-
-def prepare_out(out: Path) -> None:
-    """Creates `out` and writes (then removes) a probe file there, so a read-only or misplaced folder fails
-    now and not after the first measurement."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"probe")
-        probe.unlink()
-    except OSError as err:
-        raise OutputFolderError(f"output folder {out} is not writable ({err.strerror or err}); "
-                                f"give a folder you can write to with --out") from None
-
-
-def lock_out(out: Path, rank: int = 0) -> int:
-    """Takes `<out>/.lock` (`.lock.rank<R>` for other torchrun ranks) without waiting and writes our pid into
-    it; returns the descriptor, whose closing (or the process's death) releases the lock."""
-    path = out / (".lock" if rank == 0 else f".lock.rank{rank}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise OutputFolderError(f"output folder {out} is in use by another varbench run (pid {holder}); wait "
-                                f"for it to finish or give another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _run_cells(study: StudyConfig, out: Path, rank: int, world: int, device: str,
