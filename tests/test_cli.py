@@ -31,6 +31,7 @@ def test_bench_prints_one_json_object_with_the_required_fields(tmp_path, capsys)
                 "speedup_vs_reference"):
         assert key in result
     assert len(result["latency_ms_per_scale"]) == 10 and result["images_per_s"] > 0
+    assert result["network_evals"] == 10  # one network evaluation per scale
     assert result["kv_bytes"] == 2 * 2 * 1 * 680 * 128 * 2 * 4  # K,V x CFG x batch x L x width x depth x fp32
     records = list(load_records(tmp_path / "records.jsonl"))  # the measurement and the reference's
     assert [r["label"] for r in records] == ["test_var full", "test_var full reference"]
@@ -57,8 +58,10 @@ def test_bench_writes_a_record_that_table_prints(tmp_path, capsys):
 def test_bench_times_an_acceleration_and_records_it_as_a_study_cell(tmp_path, capsys):
     assert main(["bench", "--variant", "test_llamagen", "--accel", "zipar", "--accel-args", '{"window": 8}',
                  "--batch", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
-    report = json.loads(capsys.readouterr().out)["accel_report"]
+    result = json.loads(capsys.readouterr().out)
+    report = result["accel_report"]
     assert sum(report["tokens_per_step"]) == 256 and report["network_evals"] < 256  # rows decoded in parallel
+    assert result["network_evals"] == report["network_evals"]  # the loop's count agrees with the method's
     (record,) = load_records(tmp_path / "records.jsonl")
     assert record["cell"]["acceleration"] == "zipar" and record["cell"]["accel_args"] == {"window": 8}
     assert record["label"] == "test_llamagen full zipar"

@@ -191,3 +191,84 @@ def test_every_study_file_loads_and_measures_its_table(table_id):
     measured = set(rp.load_table(table_id)["variant"].dropna()) | {
         r["measure"]["variant"] for r in rp._spec(table_id)["rows"] if "measure" in r}
     assert set(study.variants) <= measured
+
+
+# --- the acceleration and raster-AR tables (issues 15, 16) -------------------------------------------------------
+NEW_TABLES = {"llamagen_c2i": "2406.06525", "fastvar_table1": "2503.23367", "stagevar_table1": "2512.16483",
+              "zipar_llamagen": "2412.04062"}
+
+
+def accelerated(rec: dict, name: str, args: dict | None = None) -> dict:
+    """A record of an accelerated cell: Cell.describe() adds acceleration and accel_args only then."""
+    rec["cell"].update(acceleration=name, accel_args=args or {})
+    return rec
+
+
+def test_the_acceleration_and_raster_tables_load_with_their_sources():
+    by_id = {t["id"]: t for t in rp.list_tables()}
+    for table_id, arxiv in NEW_TABLES.items():
+        assert table_id in by_id and by_id[table_id]["study"] == f"results/studies/{table_id}.toml"
+        df = rp.load_table(table_id)
+        assert arxiv in set(df["arxiv"].dropna()) or table_id == "llamagen_c2i"
+    zoo = rp.load_table("llamagen_c2i").set_index(["row", "metric"])
+    assert zoo.loc[("llamagen_3b_384", "fid"), ["number", "tag"]].tolist() == [2.18, "README"]
+    assert zoo.loc[("llamagen_b_256", "fid"), "number"] == 5.46 and zoo.loc[("llamagen_l_384", "fid"), "number"] == 3.07
+    zipar = rp.load_table("zipar_llamagen").set_index(["row", "metric"])
+    assert zipar.loc[("zipar_16", "forward_steps"), ["number", "acceleration"]].tolist() == [400, "zipar"]
+    assert zipar.loc[("ntp", "latency_s"), ["number", "batch_size", "acceleration"]].tolist() == [15.20, 1, "none"]
+
+
+def test_acceleration_tables_ratios_are_value_over_their_own_baseline():
+    fast = rp.reproduce("fastvar_table1")
+    row_fv = row(fast, "Table 1: Infinity-2B", "Infinity-2B + FastVAR")
+    assert row_fv["latency (s)"] == "0.95 [README]" and row_fv["latency / base"] == f"{0.95 / 2.61:.2f}" == "0.36"
+    assert row_fv["throughput / base"] == f"{1.05 / 0.38:.2f}" == "2.76"
+    assert row(fast, "Table 1: HART", "HART + FastVAR")["latency / base"] == f"{0.63 / 0.95:.2f}"  # HART's own base
+    t5 = row(fast, "Table 5: FlashAttention and FastVAR (Infinity-2B)", "FlashAttn + FastVAR")
+    assert t5["memory / base"] == f"{11.9 / 16.1:.2f}" == "0.74"
+    stage = rp.reproduce("stagevar_table1")
+    assert row(stage, "Infinity-2B", "StageVAR (Infinity-2B)")["latency / base"] == f"{0.64 / 2.2:.2f}" == "0.29"
+    assert row(stage, "Infinity-8B", "StageVAR (Infinity-8B)")["latency / base"] == f"{1.77 / 4.80:.2f}" == "0.37"
+    assert row(stage, "Infinity-2B", "SkipVAR (Infinity-2B)")["speedup (x)"] == "2.62 [README]"
+    zipar = row(rp.reproduce("zipar_llamagen"), "LlamaGen-L (24x24 tokens)", "ZipAR-16")
+    assert zipar["forward passes / base"] == f"{400 / 576:.2f}" == "0.69"
+    assert zipar["latency / base"] == f"{10.38 / 15.20:.2f}" == "0.68"
+
+
+def test_records_land_in_the_row_of_their_acceleration():
+    base_args = {"image_size": 384}
+    records = [
+        speed("llamagen_l", 1, 0.1, 4_000, args=base_args),  # NTP: latency 1 / (0.8 * 0.1) = 12.5 s
+        accelerated(speed("llamagen_l", 1, 0.15, 4_100, args=base_args), "zipar", {"window": 16}),
+        accelerated(speed("llamagen_l", 1, 0.2, 4_100, args=base_args, sweep={"accel_args.zipar.window": 12}),
+                    "zipar"),  # a swept acceleration argument counts as an argument
+        accelerated(quality("llamagen_l", 3.40, args=base_args), "zipar", {"window": 16}),
+        quality("llamagen_l", 3.10, args=base_args),
+    ]
+    for rec, steps in zip(records[:3], (576, 400, 312)):  # bench.py counts the loop's steps of every variant
+        rec["metrics"]["network_evals"] = steps
+    for rec in records[1:3]:  # and an accelerated cell's report
+        rec["metrics"]["accel_report"] = {"acceptance_rate": 1.0}
+    text = rp.reproduce("zipar_llamagen", records, check_weights=False)
+    group = "LlamaGen-L (24x24 tokens)"
+    ntp, z16, z12 = (row(text, group, label) for label in ("NTP (next-token prediction)", "ZipAR-16", "ZipAR-12"))
+    assert ntp["FID ours"] == "3.10" and z16["FID ours"] == "3.40"  # the plain row never takes ZipAR's record
+    assert ntp["latency (s) ours"] == "12.50" and z16["latency (s) ours"] == f"{1 / (0.8 * 0.15):.2f}"
+    assert z16["forward passes ours"] == "400" and ntp["forward passes ours"] == "576"
+    assert z16["forward passes / base ours"] == f"{400 / 576:.2f}" == "0.69"  # ZipAR's published 400 / 576
+    assert z12["latency / base ours"] == f"{(1 / 0.16) / 12.5:.2f}" == "0.50"
+    assert row(text, group, "ZipAR-8")["measured"] == "not measured"
+    assert "llamagen_l accel=zipar image_size=384 window=16" in text
+
+
+def test_llamagen_rows_take_quality_at_their_cfg_and_grid():
+    records = [quality("llamagen_l", 3.9, sweep={"sample.cfg": 2.0, "variant_args.llamagen_l.image_size": 256}),
+               quality("llamagen_l", 3.2, args={"image_size": 384}, sweep={"sample.cfg": 2.0}),
+               quality("llamagen_xl", 2.9, sweep={"sample.cfg": 2.0}),  # not XL's published cfg (1.75)
+               quality("llamagen_xl", 2.7, sweep={"sample.cfg": 1.75})]
+    text = rp.reproduce("llamagen_c2i", records, check_weights=False)
+    group = "README AR models (ImageNet 256x256)"
+    assert row(text, group, "LlamaGen-L 16x16")["FID ours"] == "3.90"
+    assert row(text, group, "LlamaGen-L 24x24")["FID ours"] == "3.20"
+    assert row(text, group, "LlamaGen-XL 24x24")["FID ours"] == "2.70"
+    assert row(text, group, "LlamaGen-3B 24x24")["measured"] == "not measured"

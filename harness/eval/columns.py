@@ -54,4 +54,9 @@ COLUMNS: dict[str, Column] = {
     "geneval_overall": Column("GenEval overall", fmt=".3f"),
     "exponent": Column("exponent alpha", fmt="#.2g"), "prefactor": Column("prefactor beta", fmt="#.2g"),
     "pearson_r": Column("Pearson r", fmt=".3f"),
+    # network evaluations per image (LlamaGen: one per token, 256 or 576; ZipAR, SJD, LANTERN fewer; VAR: its
+    # scales), counted by bench for every variant
+    "forward_steps": Column("forward passes", "", ".0f", True, "speed.network_evals"),
+    "acceptance_rate": Column("acceptance rate", "", ".2f", ours="speed.accel_report.acceptance_rate"),
+    "tokens": Column("tokens", fmt=""),
 }

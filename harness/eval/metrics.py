@@ -69,6 +69,7 @@ for _spec in (
     MetricSpec("kv_bytes", "KV MiB", "speed", False, ".2f", 1 / _MIB),
     MetricSpec("kv_bytes_current", "KV current scale MiB", "speed", False, ".2f", 1 / _MIB),
     MetricSpec("mfu", "MFU %", "speed", True, ".1f", 100.0),
+    MetricSpec("network_evals", "steps", "speed", False, ".0f"),  # network evaluations per image
     MetricSpec("fid", "FID", "quality", False),
     MetricSpec("kid_mean", "KID×1e3", "quality", False, ".2f", 1e3),
     MetricSpec("isc_mean", "IS", "quality", True),

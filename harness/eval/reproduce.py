@@ -4,7 +4,8 @@ Every value carries a source (paper, arXiv id, table, hardware, batch size, prec
 paper, README, note or memory (the provenance legend of shared/docs/VARIANTS.md). `reproduce` shows each value with
 its tag, speed and memory also divided by the table's baseline row (so different GPUs compare), and our numbers from
 varbench records beside them. A record fills the rows whose variant, KV policy, named args and sweep values it has
-(`sample.*` sweep keys and `quality_study` bind quality/consistency records only) and that name the most of them.
+(`sample.*` sweep keys and `quality_study` bind quality/consistency records only) and that name the most of them;
+a row's `acceleration` (default "none") must equal the record's cell's, and its `accel_args` count like variant_args.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ TAGS = ("code", "paper", "README", "note", "memory")
 _KINDS = ("speed", "quality", "consistency")
 Records = dict[str, dict[str, Any]]  # record kind -> the record matched to a row
 
-_MEASURE_KEYS = {"variant", "kv_policy", "variant_args", "kv_args", "sweep", "quality_study"}
-
+_MEASURE_KEYS = {"variant", "kv_policy", "variant_args", "kv_args", "sweep", "quality_study", "acceleration",
+                 "accel_args"}
 
 # --- the published data ----------------------------------------------------------------------------------------
 def published_dir() -> Path:
@@ -164,7 +165,8 @@ def load_table(table_id: str, layout: Literal["long", "wide"] = "long") -> pd.Da
                         "source_table": src.get("table"), **_setup(spec, row, source), "note": note,
                         "variant": m.get("variant"), "kv_policy": m.get("kv_policy", "full") if m else None,
                         "variant_args": m.get("variant_args", {}), "kv_args": m.get("kv_args", {}),
-                        "unsupported": row.get("unsupported")})
+                        "acceleration": m.get("acceleration", "none") if m else None,
+                        "accel_args": m.get("accel_args", {}), "unsupported": row.get("unsupported")})
     long = pd.DataFrame(out)
     if layout != "wide":
         return long
@@ -177,12 +179,15 @@ def load_table(table_id: str, layout: Literal["long", "wide"] = "long") -> pd.Da
 def _specificity(measure: dict[str, Any], rec: dict[str, Any]) -> int | None:
     """How many of the row's constraints the record meets, or None if it fails one."""
     cell, policy = rec.get("cell") or {}, measure.get("kv_policy", "full")
+    accel = measure.get("acceleration", "none")
     if cell.get("variant") != measure["variant"] or cell.get("kv_policy", "full") != policy:
+        return None
+    if cell.get("acceleration", "none") != accel:  # a plain row never takes an accelerated cell's record
         return None
     sampled, sweep, n = rec.get("kind") in ("quality", "consistency"), cell.get("sweep") or {}, 0
     if sampled and "quality_study" in measure and rec.get("study") not in measure["quality_study"]:
         return None
-    for section, name in (("variant_args", measure["variant"]), ("kv_args", policy)):
+    for section, name in (("variant_args", measure["variant"]), ("kv_args", policy), ("accel_args", accel)):
         have = {**{k[len(f"{section}.{name}."):]: v for k, v in sweep.items() if k.startswith(f"{section}.{name}.")},
                 **(cell.get(section) or {})}  # a swept arg ("variant_args.NAME.key") counts as an arg
         for key, value in measure.get(section, {}).items():
@@ -249,7 +254,10 @@ def _read(metric: Metric, recs: Records, no_vae: bool) -> float | None:
         return ips if key == "throughput" or not ips else 1.0 / ips
     if key == "latency_ms_p50" and no_vae:  # the papers' latency is per batch
         return m["batch_size"] / ips if ips and m.get("batch_size") else None
-    return None if m.get(key) is None else float(m[key]) * metric.scale
+    value = m
+    for part in key.split("."):  # "accel_report.network_evals": a nested record key
+        value = value.get(part) if isinstance(value, dict) else None
+    return None if value is None else float(value) * metric.scale
 
 
 def _ours(metric: Metric, recs: Records, base_recs: Records, no_vae: bool) -> float | None:
@@ -282,8 +290,9 @@ def _describe(row: dict[str, Any]) -> str:
     """The varbench cell that measures a row."""
     m = row["measure"]
     parts = [m["variant"]] + ([f"kv={m['kv_policy']}"] if m.get("kv_policy", "full") != "full" else [])
-    parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-              for section in ("variant_args", "kv_args", "sweep") for k, v in m.get(section, {}).items()]
+    parts += [f"accel={m['acceleration']}"] if m.get("acceleration", "none") != "none" else []
+    parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for section in (
+        "variant_args", "kv_args", "accel_args", "sweep") for k, v in m.get(section, {}).items()]
     return " ".join(parts) + (f" (quality: {'/'.join(m['quality_study'])})" if "quality_study" in m else "")
 
 

@@ -94,6 +94,7 @@ def bench_variant(variant: Variant, batch: int, sampling: SampleConfig = SampleC
         totals.append(ms["total"][0])
         decodes.append(ms["decode"][0])
         per_scale.append([sum(ms[f"scale{si}"]) for si in range(len(variant.patch_nums))])
+        steps = sum(len(ms.get(f"scale{si}", ())) for si in range(len(variant.patch_nums)))
     peak = meter.peak_bytes()
 
     total_ms, total_iqr = p50_iqr(totals)
@@ -123,6 +124,10 @@ def bench_variant(variant: Variant, batch: int, sampling: SampleConfig = SampleC
         "latency_ms_iqr": total_iqr,
         "n": repeats,
         "latency_ms_per_scale": [p50_iqr(col)[0] for col in zip(*per_scale)],
+        # the loop's steps in the last timed call, each one network evaluation per image (VAR: one per scale;
+        # HMAR: its masked steps too; LlamaGen: one per token, fewer with SJD/ZipAR); a step that an acceleration
+        # skips for the whole batch still counts (its report says which)
+        "network_evals": steps,
         "vae_decode_ms": decode_ms,
         "warmup_s": warmup_s,
         "peak_memory_bytes": peak,
