@@ -4,7 +4,7 @@ Format: docs/../conformance/README.md. Every comparison becomes one entry of the
 tolerance; the folder passes only if every entry passes. On CPU in fp32 tokens must match exactly; on CUDA
 the random stream differs from the CPU's, so logits are compared within a looser tolerance and the token
 agreement rate is reported instead of required. One checker per family (var.py, code.py, hmar.py, llamagen.py,
-infinity.py, litevar.py) over the shared comparisons of common.py.
+infinity.py, and the accelerations litevar.py, zipar.py) over the shared comparisons of common.py.
 """
 
 from __future__ import annotations
@@ -22,18 +22,22 @@ from .infinity import check_infinity_folder
 from .litevar import check_litevar_folder
 from .llamagen import check_llamagen_folder
 from .var import check_var_folder
+from .zipar import check_zipar_folder
 
 __all__ = ["run_conformance", "fixture_kind", "TOL", "CUDA_LOGITS_TOL", "RecordGuided", "CHECKERS"]
 
 CHECKERS = {"var": check_var_folder, "code": check_code_folder, "hmar": check_hmar_folder,
-            "llamagen": check_llamagen_folder, "infinity": check_infinity_folder, "litevar": check_litevar_folder}
+            "llamagen": check_llamagen_folder, "infinity": check_infinity_folder, "litevar": check_litevar_folder,
+            "zipar": check_zipar_folder}
 
 
 def fixture_kind(folder: Path, meta: dict) -> str | None:
     """Which official code a fixture folder records: "var", "code" (drafter/refiner), "hmar", "llamagen",
-    "infinity" or "litevar" (a VAR acceleration)."""
+    "infinity", "litevar" (a VAR acceleration) or "zipar" (a LlamaGen acceleration)."""
     if "litevar" in meta:
         return "litevar"
+    if "zipar" in meta:  # a LlamaGen acceleration; its weights sit in ../llamagen_tiny
+        return "zipar"
     if "drafter" in meta:
         return "code"
     if "gpt_cfg" in meta and (folder / "gpt_state_dict.pt").is_file():
@@ -61,7 +65,7 @@ def run_conformance(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
     kind = fixture_kind(folder, meta)
     if kind not in CHECKERS:
         raise ValueError(f"{folder}: unsupported fixture kind (supported: the formats of conformance/var_d2 (VAR), "
-                         "code_d3_d2 (CoDe), hmar_d2 (HMAR), llamagen_tiny (LlamaGen), infinity_tiny (Infinity) "
-                         "and litevar_d2 (LiteVAR))")
+                         "code_d3_d2 (CoDe), hmar_d2 (HMAR), llamagen_tiny (LlamaGen), infinity_tiny (Infinity), "
+                         "litevar_d2 (LiteVAR) and zipar_tiny (ZipAR))")
     checks = CHECKERS[kind](folder, meta, dev)
     return {"folder": str(folder), "device": str(dev), "passed": all(c["pass"] for c in checks), "checks": checks}

@@ -22,6 +22,10 @@ Default: window 8, the official c2i script's (sample_c2i_ddp_zipar.py `--zipar-w
 `window = 0` is the official switch-off (the script then imports the plain generate): plain LlamaGen, token for
 token. Windows >= the grid side are refused: a row would start as the row above completes, and the official
 bookkeeping then feeds two tokens at one slot in one call.
+
+Conformance: every token equals the official code's at windows 8 and 4 (greedy, CFG, cfg_interval and the
+official default sampling) and at window 0, in engine and reference modes (../conformance/zipar_tiny,
+harness/conformance/zipar.py).
 """
 
 from __future__ import annotations
