@@ -52,7 +52,7 @@ def test_the_expected_tables_are_listed():
     by_id = {t["id"]: t for t in rp.list_tables()}
     assert by_id["code_table1"]["baseline"] == "var_d30" and by_id["code_table1"]["rows"] >= 20
     assert "2411.17787" in by_id["code_table1"]["source"]
-    assert by_id["scalekv_infinity"]["supported"] is False
+    assert by_id["scalekv_infinity"]["supported"] is True  # Infinity is a varbench family (issue 14)
     assert "code_table1" in rp.tables_overview()
 
 
@@ -145,12 +145,21 @@ def test_sweep_values_and_kv_args_pick_the_row():
                "head typing by attention variance (HACK)")["FID ours"] == "2.20"
 
 
-def test_rows_that_cannot_be_measured_say_why():
+def test_rows_that_cannot_be_measured_say_why(tmp_path, monkeypatch):
     text = rp.reproduce("scalekv_infinity", [], check_weights=False)
-    assert "not supported by varbench" in text
-    assert row(text, "Table 1: Infinity-2B", "ScaleKV 10%")["measured"] == "unsupported model (Infinity-2B)"
+    assert "not supported by varbench" not in text
+    sw = row(text, "Table 1: Infinity-2B", "Sliding Window 10%")
+    assert sw["measured"].startswith("unsupported KV policy (Sliding Window") and sw["varbench cell"] == "-"
+    assert row(text, "Table 2: GenEval / DPG", "Infinity-2B")["measured"].startswith("unsupported metrics")
     assert row(text, "Table 1: Infinity-2B", "ScaleKV 10%")["KV cache / base"] == f"{3900 / 38550:.2f}"
     assert rp._missing_weights(["/nonexistent/folder/var_d30.pth"]) == ["var_d30.pth"]
+    (tmp_path / "index.toml").write_text('[tags]\npaper = "p"\n[[tables]]\nid = "t"\nfile = "t.toml"\n')
+    (tmp_path / "t.toml").write_text('id = "t"\ntitle = "T"\nsupported = false\n[sources.s]\ntitle = "S"\n'
+                                     '[[rows]]\nkey = "a"\nlabel = "A"\nsource = "s"\ntag = "paper"\n'
+                                     'values = { fid = 1.0 }\nunsupported = "unsupported model (M)"\n')
+    monkeypatch.setenv("VARBENCH_PUBLISHED", str(tmp_path))
+    text = rp.reproduce("t", [], check_weights=False)
+    assert "not supported by varbench" in text and "| unsupported model (M) |" in text
 
 
 def test_missing_checkpoints_are_named(monkeypatch):
@@ -272,3 +281,100 @@ def test_llamagen_rows_take_quality_at_their_cfg_and_grid():
     assert row(text, group, "LlamaGen-L 24x24")["FID ours"] == "3.20"
     assert row(text, group, "LlamaGen-XL 24x24")["FID ours"] == "2.70"
     assert row(text, group, "LlamaGen-3B 24x24")["measured"] == "not measured"
+
+
+# --- ScaleKV's Infinity tables (issue 14) -------------------------------------------------------------------------
+SCALEKV_650 = {"budget": 650, "selection": "official", "drafters": 0.05625, "budgets": "/w/2b_10%_budget.json"}
+
+
+def kv_speed(variant: str, batch: int, kv_mib: float, peak_mib: float, **kw) -> dict:
+    """A speed record whose KV cache and peak memory are given (MiB)."""
+    rec = speed(variant, batch, 1.0, peak_mib, precision="bf16", **kw)
+    rec["metrics"]["kv_bytes"] = kv_mib * 2**20
+    return rec
+
+
+def consistent(variant: str, psnr: float, ssim: float, lpips: float, study: str = "scalekv_infinity", **kw) -> dict:
+    return record("consistency", variant, {"psnr_db": psnr, "ssim": ssim, "lpips": lpips}, study=study, **kw)
+
+
+def infinity_records() -> list[dict]:
+    """Records as the two studies write them: a swept budget is in the cell's kv_args and in its sweep."""
+    at = {"kv_args.streaming.budget": 1300}
+    at_265 = {**SCALEKV_650, "budget": 265}
+    return [
+        kv_speed("infinity_2b", 8, 38_000, 52_000, study="scalekv_infinity"),
+        kv_speed("infinity_2b", 1, 4_750, 12_000, study="scalekv_infinity"),  # the paper's batch (8) wins
+        kv_speed("infinity_2b", 8, 4_000, 18_000, kv="scalekv", kv_args=SCALEKV_650),
+        consistent("infinity_2b", 22.1, 0.71, 0.12, kv="scalekv", kv_args=SCALEKV_650),
+        consistent("infinity_2b", 23.4, 0.74, 0.10, kv="streaming", kv_args={"budget": 1300}, sweep=at),
+        consistent("infinity_2b", 19.0, 0.60, 0.20, kv="scalekv", kv_args=at_265,
+                   sweep={"kv_args.scalekv.budget": 265}),
+        consistent("infinity_2b", 30.0, 0.90, 0.01, study="other", kv="scalekv", kv_args=SCALEKV_650),  # not Table 1
+        kv_speed("infinity_8b", 8, 860, 49_000, kv="scalekv", kv_args={**SCALEKV_650, "drafters": 0.075}),
+        kv_speed("infinity_8b", 16, 1_720, 79_000, kv="scalekv", kv_args={**SCALEKV_650, "drafters": 0.075}),
+    ]
+
+
+def test_infinity_rows_match_records_of_their_variant_policy_and_budget():
+    text = rp.reproduce("scalekv_infinity", infinity_records(), check_weights=False)
+    t1 = "Table 1: Infinity-2B"
+    full, skv10 = row(text, t1, "Infinity-2B full cache"), row(text, t1, "ScaleKV 10%")
+    assert full["KV cache (MB) ours"] == "38000" and full["KV cache / base ours"] == "1.00"
+    assert skv10["varbench cell"] == "infinity_2b kv=scalekv budget=650 selection=official (quality: scalekv_infinity)"
+    assert skv10["KV cache (MB) ours"] == "4000" and skv10["memory (MB) ours"] == "18000"
+    assert skv10["KV cache / base ours"] == f"{4000 / 38000:.2f}" == "0.11"  # ours, hand-checked
+    assert skv10["KV cache / base"] == f"{3900 / 38550:.2f}" == "0.10"  # the paper's
+    # consistency from the Table 1 study only: the other study's 30.0 dB record (read last) is not shown
+    assert (skv10["PSNR vs full (dB) ours"], skv10["SSIM vs full ours"], skv10["LPIPS vs full ours"]) == (
+        "22.10", "0.710", "0.12")
+    assert skv10["measured"] == "measured: speed, consistency"
+    assert row(text, t1, "StreamingLLM 20%")["PSNR vs full (dB) ours"] == "23.40"
+    assert row(text, t1, "StreamingLLM 10%")["measured"] == "not measured"
+    assert row(text, t1, "ScaleKV 4%")["PSNR vs full (dB) ours"] == "19.00"
+    assert row(text, t1, "ScaleKV 20%")["PSNR vs full (dB) ours"] == ""
+    assert row(text, "Table 1: Infinity-8B", "ScaleKV 10%")["KV cache (MB) ours"] == "860"  # batch 8 of 8 and 16
+    bs16 = row(text, "Table 3: Infinity-8B memory, batch 16", "+ ScaleKV (10%), batch 16")
+    # Table 3 in GB (the table's .3g format): 1720 MiB / 1024, 79000 MiB / 1024, 860 MiB / 1024
+    assert bs16["KV cache (GB) ours"] == "1.68" and bs16["memory (GB) ours"] == "77.1"
+    assert row(text, "Table 3: Infinity-8B memory, batch 8", "+ ScaleKV (10%), batch 8")["KV cache (GB) ours"] == "0.84"
+    assert row(text, "Table 3: Infinity-8B memory, batch 1", "Infinity-8B, batch 1")["measured"] == "not measured"
+
+
+def test_the_infinity_studies_run_the_rows_of_the_table():
+    rows = {r["key"]: r for r in rp._spec("scalekv_infinity")["rows"]}
+    for model in ("2b", "8b"):
+        study = load_study(ROOT / f"results/studies/scalekv_infinity{'_8b' if model == '8b' else ''}.toml")
+        assert study.variants == (f"infinity_{model}",) and study.engine.precision == "bf16"
+        assert study.quality.num_samples == 5000 and study.quality.prompts == "coco30k" and study.quality.consistency
+        for policy, name in (("streaming", "streamingllm"), ("snapkv", "snapkv"), ("pyramidkv", "pyramidkv")):
+            assert study.sweep[f"kv_args.{policy}.budget"] == (1300, 650, 265)
+            for pct, tokens in (("20", 1300), ("10", 650), ("4", 265)):
+                measure = rows[f"inf{model}_{name}_{pct}"]["measure"]
+                assert measure["kv_args"] == {"budget": tokens} and study.study in measure["quality_study"]
+        assert study.kv_args["scalekv"] == {"budget": 650, "selection": "official",
+                                             "drafters": {"2b": 9 / 160, "8b": 15 / 200}[model]}
+        assert rows[f"inf{model}_scalekv_10"]["measure"]["kv_args"] == {"budget": 650, "selection": "official"}
+    # the paper's budgets: each row's KV-cache MB over its full row's, times the 6,425 tokens before the last scale
+    df = rp.load_table("scalekv_infinity", layout="wide")
+    for model in ("2b", "8b"):
+        per_token = df.loc[f"inf{model}_full", "kv_cache_mb"] / 6425
+        assert [round(df.loc[f"inf{model}_scalekv_{p}", "kv_cache_mb"] / per_token) for p in ("20", "10", "4")] == [
+            1300, 650, 265]
+
+
+def test_varbench_reproduce_scalekv_infinity_prints(tmp_path, monkeypatch, capsys):
+    import json
+
+    from varbench.harness.cli import main
+
+    monkeypatch.delenv("VARBENCH_DOWNLOAD", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: the weights are missing
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in infinity_records()))
+    assert main(["reproduce", "scalekv_infinity", "--measured", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert row(text, "Table 1: Infinity-2B", "ScaleKV 10%")["PSNR vs full (dB) ours"] == "22.10"
+    assert row(text, "Table 1: Infinity-2B", "SnapKV 4%")["measured"] == \
+        "needs infinity_2b_reg.pth, infinity_vae_d32reg.pth"
+    assert "measure it: varbench run results/studies/scalekv_infinity.toml" in text
