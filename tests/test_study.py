@@ -163,3 +163,22 @@ def test_speed_reference_times_every_cell_in_the_reference_mode_too(tmp_path):
     assert all(not any(v for k, v in r["engine"].items() if k != "precision") for r in added)
     assert {r["baseline"] for r in first + added} == {"test_var full"}
     assert run_study(parse_study(both), tmp_path) == []
+
+
+def test_a_batch_that_does_not_fit_is_skipped_with_a_warning_and_retried_by_a_rerun(tmp_path, monkeypatch, caplog):
+    import varbench.harness.run.bench as bench
+
+    real = bench.bench_variant
+
+    def small_memory(variant, batch, *args, **kwargs):
+        if batch > 1:
+            raise bench.BatchTooLargeError(f"batch {batch} does not fit in cpu memory; try a smaller batch, e.g. 1")
+        return real(variant, batch, *args, **kwargs)
+
+    study = {**STUDY, "quality": False, "sweep": {}, "speed": {"batch_sizes": [1, 2], "warmup": 0, "repeats": 1}}
+    monkeypatch.setattr(bench, "bench_variant", small_memory)
+    first = run_study(parse_study(study), tmp_path)
+    assert [r["batch_size"] for r in first] == [1]
+    assert "test_var full: batch 2 does not fit in cpu memory" in caplog.text
+    monkeypatch.setattr(bench, "bench_variant", real)
+    assert [r["batch_size"] for r in run_study(parse_study(study), tmp_path)] == [2]  # retried, not recorded as done

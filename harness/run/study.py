@@ -179,6 +179,7 @@ def run_study(study: StudyConfig, out: str | Path, progress: bool = False) -> li
 
 def _run_cells(study: StudyConfig, out: Path, rank: int, world: int, device: str,
                progress: bool) -> list[dict[str, Any]]:
+    from .bench import BatchTooLargeError
     from .shard import barrier
 
     cells = plan(study)
@@ -198,7 +199,10 @@ def _run_cells(study: StudyConfig, out: Path, rank: int, world: int, device: str
                         mode = "" if engine == cell.config.engine else " (reference mode)"
                         bar.set_description(f"{cell.label}: speed, batch {batch}{mode}")
                         built[engine] = built.get(engine) or build_cell(cell, device, engine)
-                        new.append(_speed(run, cell, built[engine], batch, chash, engine, baseline))
+                        try:
+                            new.append(_speed(run, cell, built[engine], batch, chash, engine, baseline))
+                        except BatchTooLargeError as err:  # the other batches and cells still run; no record,
+                            log.warning("%s: %s; skipped", cell.label, err)  # so a rerun elsewhere retries it
                     bar.update(1)
             variant = built.get(cell.config.engine)
         barrier()
