@@ -23,11 +23,13 @@ def test_plan_crosses_accelerations_with_policies_and_leaves_hmar_plain():
 
 
 def test_each_variant_gets_the_accelerations_of_its_family():
-    study = parse_study({**BASE, "variants": ["test_var", "test_llamagen", "test_infinity"],
-                         "accelerations": ["none", "fastvar", "sjd"]})
+    study = parse_study({**BASE, "variants": ["test_var", "test_llamagen", "test_infinity", "test_hmar"],
+                         "accelerations": ["none", "fastvar", "litevar", "sjd"]})
     labels = [c.label for c in plan(study)]
-    assert labels == ["test_var full", "test_var full fastvar", "test_llamagen full", "test_llamagen full sjd",
-                      "test_infinity full"]
+    assert labels == ["test_var full", "test_var full fastvar", "test_var full litevar",
+                      "test_llamagen full", "test_llamagen full sjd",
+                      "test_infinity full", "test_infinity full fastvar",  # LiteVAR runs on VAR only
+                      "test_hmar full"]
 
 
 def test_a_raster_method_runs_in_a_study_and_records_its_acceptance(tmp_path):

@@ -19,6 +19,9 @@ KV policies (variants/kv_policies.py) compose as with VAR: a compressing policy 
 head, so the conditional and unconditional halves are compressed independently (as ScaleKV's released code does
 on Infinity, docs/INFINITY_SPEC.md §8). The text cross-attention keys are not cached tokens and stay whole.
 Compression needs a square schedule (h_div_w 1.0): the compressed cache counts pn² tokens per scale.
+
+Accelerations (variants/accel/; `accel_family` picks their Infinity defaults) are consulted as on VAR: per step a
+`StepPlan` (skip, one CFG half, or a BlockPlan the blocks call per sublayer), per commit the frozen samples.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from varbench.harness.core.loop import Step, StepOutput
 from varbench.harness.core.sampling import Draw, SampleConfig
 from varbench.harness.core.sampling_bitwise import sample_bits
 
+from .accel import Acceleration, AccelState
+from .accel.base import narrow_cache, rows_slice
 from .bsq_vae import BSQVAE, bits_to_codes, decode_flops, patchify, resize, unpatchify
 from .engine import DTYPES, EngineConfig
 from .infinity_model import InfinityNet, TextCond, pack_text
@@ -63,6 +68,8 @@ class InfinityState:
     bits: list[Tensor] = field(default_factory=list)  # (B, h·w, d) sampled bits per scale
     kv_bytes: list[int] = field(default_factory=list)
     kv_bytes_current: list[int] = field(default_factory=list)
+    accel: AccelState | None = None  # the acceleration's per-call state (variants/accel/), None without one
+    cache_rows: str = "both"  # CFG rows `cache` holds: an acceleration may drop a half for the late scales
 
 
 def load_prompts(source: str | os.PathLike | Sequence[Tensor] | dict | None) -> tuple[list[Tensor], list[str]]:
@@ -89,6 +96,7 @@ class Infinity(OneNetwork):
     reads_sampling: bool = True  # start() reads the per-scale cfg: batch halves and hidden-state guidance
     sampler = staticmethod(sample_bits)
     default_sampling: SampleConfig | None = None
+    accel_family: str = "infinity"  # the accelerations' defaults to take (variants/accel/base.py)
 
     def __init__(self, net: InfinityNet, vae: BSQVAE, engine: EngineConfig = EngineConfig(),
                  device: str | torch.device = "cpu", name: str = "infinity", prompts=None,
@@ -103,6 +111,8 @@ class Infinity(OneNetwork):
         if getattr(kv_policy, "compresses", False) and engine.cuda_graphs:
             raise ValueError(f"KV policy {kv_policy.name!r} evicts per scale; it cannot run with cuda_graphs")
         self.kv_policy = None  # set after the schedule: set_schedule re-prepares a policy for a new schedule
+        self.acceleration: Acceleration | None = None  # set by apply_acceleration (variants/accel/)
+        self.joins_acceleration = False
         if xattn not in ("bf16", "fp32"):
             raise ValueError(f"xattn = {xattn!r}: choose 'bf16' (the official cross-attention) or 'fp32'")
         self.cfg = net.cfg
@@ -178,9 +188,13 @@ class Infinity(OneNetwork):
             if self.engine.cache_conditioning:
                 state.mods, state.text_kv = self.net.modulations(text.cond), self.net.text_kv(text)
                 state.head_mod = self.net.head_modulation(text.cond)
+        if self.acceleration is not None:
+            state.accel = self.acceleration.begin(self, labels, self.joins_acceleration)
         return state
 
     def forward(self, state: InfinityState, step: Step) -> StepOutput:
+        if state.accel is not None:
+            return self._accelerated_forward(state, step)
         si, b = step.si, state.batch
         begin, end = self.begin_ends[si]
         cfg = state.cfg[si]
@@ -198,30 +212,89 @@ class Infinity(OneNetwork):
                 return StepOutput(self.net.logits(h, head), True)
             return StepOutput(self.net.logits(h[:b], (head[0][:b], head[1][:b])), False)
 
-    def commit(self, state: InfinityState, step: Step, draw: Draw) -> None:
-        si, b = step.si, state.batch
+    def _accelerated_forward(self, state: InfinityState, step: Step) -> StepOutput:
+        """forward under `self.acceleration`: skip the step, run one CFG half, or run the blocks with a plan."""
+        si, b, acc = step.si, state.batch, state.accel
+        plan = self.acceleration.plan(self, state, step)
         h, w = self.schedule[si]
+        if plan.skip:  # a one-bit draw the commit discards (the loop samples every step it runs)
+            acc.skipped[:, si] = True
+            acc.tokens_per_scale[si] = acc.rows_per_scale[si] = 0
+            return StepOutput(torch.zeros(b, h * w, 2, device=self.device), False)
+        if plan.rows != acc.rows and acc.rows != "both":
+            raise ValueError(f"acceleration {self.acceleration.name!r}: scale {si} asks for CFG rows {plan.rows!r} "
+                             f"after an earlier scale kept only {acc.rows!r}")
+        acc.rows = plan.rows
+        rows = rows_slice(plan.rows, b) if state.guided else slice(0, b)  # unguided: the conditional rows only
+        if state.guided and state.cache_rows != plan.rows:  # narrowed once, at the first one-half step
+            state.cache, state.cache_rows = narrow_cache(state.cache, rows), plan.rows
+        both, cfg = state.guided and plan.rows == "both", state.cfg[si]
+        with self._autocast():
+            mods = state.mods if state.mods is not None else self.net.modulations(state.text.cond)
+            text_kv = state.text_kv if state.text_kv is not None else self.net.text_kv(state.text)
+            head = state.head_mod if state.head_mod is not None else self.net.head_modulation(state.text.cond)
+            mods, head = [tuple(t[rows] for t in m) for m in mods], tuple(t[rows] for t in head)
+            text_kv, text_mask = [(k[rows], v[rows]) for k, v in text_kv], state.text.mask[rows]
+            x = state.x[rows] + self.net.lvl_embed.weight[si]
+            rope = tuple(t[slice(*self.begin_ends[si])] for t in self._rope)
+            mixing = both and self.cfg_insertion_layer < 0 and cfg != 1
+            mix = (self.cfg.depth + self.cfg_insertion_layer, cfg) if mixing else None
+            args = (x, mods, text_kv, text_mask, rope, state.cache)
+            hid = self._step_fn(*args, mix) if plan.blocks is None else \
+                self.net.run_blocks(*args, mix=mix, plan=plan.blocks)  # a plan's choices run eagerly
+            guided = both and self.cfg_insertion_layer == 0 and cfg != 1
+            logits = self.net.logits(hid, head) if guided else self.net.logits(hid[:b], (head[0][:b], head[1][:b]))
+        if guided and plan.unguided is not None:  # these samples' guidance is off: uncond := cond
+            logits[b:][plan.unguided] = logits[:b][plan.unguided]
+        acc.rows_per_scale[si] = x.shape[0]
+        acc.tokens_per_scale.setdefault(si, h * w)  # a token-subset plan records its own count
+        return StepOutput(logits, guided)
+
+    def commit(self, state: InfinityState, step: Step, draw: Draw) -> None:
+        si, b, acc = step.si, state.batch, state.accel
+        h, w = self.schedule[si]
+        state.kv_bytes.append(state.cache.nbytes())
+        skipped = acc is not None and bool(acc.skipped[:, si].all())  # every sample skipped the step: no change
+        state.kv_bytes_current.append(0 if skipped else state.cache.current_nbytes())
+        if skipped:
+            state.bits.append(torch.full((b, h * w, self.cfg.bits), -1, dtype=torch.long, device=self.device))
+            return
         bits = unpatchify(draw.tokens.view(b, h, w, -1), self.patch)  # (B, d, 1, p·h, p·w)
         codes = bits_to_codes(bits)
-        last = len(self.schedule) - 1
+        frozen = None if acc is None else self.acceleration.frozen_rows(self, state, si)
+        if frozen is not None:  # these samples skip the scale (SkipVAR): they add nothing and drew nothing
+            codes = codes * (~frozen).view(-1, 1, 1, 1, 1).to(codes.dtype)
+            draw.tokens[frozen] = -1
         state.bits.append(draw.tokens)
-        state.kv_bytes.append(state.cache.nbytes())
-        state.kv_bytes_current.append(state.cache.current_nbytes())
-        if si == last:
+        self._add_codes(state, si, codes)
+        if acc is not None:
+            self.acceleration.after_commit(self, state, si)
+
+    def _add_codes(self, state: InfinityState, si: int, codes: Tensor) -> None:
+        """f̂ += the scale's codes (upsampled), and the next scale's input from f̂."""
+        if si == len(self.schedule) - 1:
             state.f_hat = state.f_hat + codes
             return
         state.f_hat = state.f_hat + resize(codes, tuple(state.f_hat.shape[-2:]))
         nh, nw = self.schedule[si + 1]
         nxt = patchify(resize(state.f_hat, (self.patch * nh, self.patch * nw)), self.patch)  # (B, l', d)
         with self._autocast():
-            state.x = self.net.embed_input(nxt).repeat(len(state.text.cond) // b, 1, 1)
+            state.x = self.net.embed_input(nxt).repeat(len(state.text.cond) // state.batch, 1, 1)
 
     def tokens(self, state: InfinityState) -> list[Tensor]:
         """(B, h·w) int64 per scale: each token's d bits as its index in the 2^d BSQ codebook, bit 0 the most
         significant (the official `lfq.mask` order); d ≤ 56 fits int64. The bits themselves are `state.bits`."""
         d = self.cfg.bits
         weights = 2 ** torch.arange(d - 1, -1, -1, dtype=torch.int64, device=self.device)
-        return [(b.long() * weights).sum(-1) for b in state.bits]
+        return [(b.long() * weights).sum(-1).masked_fill_(b[..., 0] < 0, -1) for b in state.bits]  # -1: skipped
+
+    def probe_image(self, f_hat: Tensor, side: int) -> Tensor:
+        """SkipVAR's preview: f̂ resized (trilinear) to the first grid `side` tall (scale 4, 8x8), decoded."""
+        h, w = next((g for g in self.schedule if g[0] >= side), self.schedule[-1])
+        small = resize(f_hat, (self.patch * h, self.patch * w)).squeeze(2)
+        small = small.to(self.vae.decoder.conv_in.conv.weight.dtype).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.vae.decode(small).float()
 
     def decode(self, state: InfinityState) -> Tensor:
         """(B, 3, H, W) float32 image in [0, 1]."""
@@ -241,7 +314,8 @@ class Infinity(OneNetwork):
         if getattr(self.kv_policy, "compresses", False):  # budget-sized buffers, compacted in place per scale
             self._static_cache = self.kv_policy.cache(self, batch, self._static_cache)
             return self._static_cache
-        if not self.engine.static_kv_cache:
+        ragged = self.acceleration is not None and self.acceleration.ragged_cache(self)
+        if not self.engine.static_kv_cache or ragged:  # blocks that write different counts: concatenate
             return ConcatKVCache(self.cfg.depth)
         capacity = self.begin_ends[-1][1]
         c = self._static_cache

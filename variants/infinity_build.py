@@ -66,7 +66,8 @@ def build_infinity(model: str = "2b", *, weights: str | os.PathLike | None = Non
                    negative: Tensor | str | None = None, text_encoder=None,
                    engine: EngineConfig = EngineConfig(), device: str = "cpu", seed: int = 0, h_div_w: float = 1.0,
                    pn: str | None = None, cfg_insertion_layer: int = 0, xattn: str = "bf16",
-                   allow_download: bool | None = None, name: str | None = None, kv_policy=None) -> Infinity:
+                   allow_download: bool | None = None, name: str | None = None, kv_policy=None,
+                   acceleration: str | None = None, acceleration_args: dict | None = None) -> Infinity:
     """An Infinity variant.
 
     Args:
@@ -83,6 +84,8 @@ def build_infinity(model: str = "2b", *, weights: str | os.PathLike | None = Non
         xattn: "bf16" (the official cross-attention numerics) or "fp32".
         kv_policy: a KV-cache policy object from `KV_POLICIES` (None or `full` keeps every entry); compressing
             ones evict per CFG half, batch row and head, and need a square schedule (h_div_w 1.0).
+        acceleration, acceleration_args: a registered acceleration that runs on Infinity (fastvar, skipvar) and
+            its arguments, with the official Infinity defaults (variants/accel/); None or "none": plain Infinity.
     """
     if kv_policy is not None and not hasattr(kv_policy, "prepare"):
         raise ValueError(f"{kv_policy!r} is not a KV policy: build one with KV_POLICIES.get(name)(**args)")
@@ -113,6 +116,10 @@ def build_infinity(model: str = "2b", *, weights: str | os.PathLike | None = Non
     variant.weights = f"random (seed {seed})" if random else str(weights or INFINITY_FILES[net_file])
     if kv_policy is not None:
         kv_policy.prepare(variant)  # offline calibration (ScaleKV, HACK) of this model and schedule, unless loaded
+    if acceleration is not None or acceleration_args:
+        from .accel import apply_acceleration
+
+        apply_acceleration(variant, acceleration or "none", **(acceleration_args or {}))
     return variant
 
 
@@ -138,14 +145,20 @@ def _listed(cfg: InfinityConfig) -> InfinityConfig | None:
     return cfg if InfinityConfig in getattr(params, "_NETS", {}) else None
 
 
-register_model("infinity_2b", build_infinity, _listed(INFINITY_MODELS["2b"][0]),
-               "Infinity-2B, bitwise next-scale text-to-image, 1024 px (arXiv:2412.04431). Weights: "
-               "FoundationVision/Infinity infinity_2b_reg.pth + infinity_vae_d32reg.pth; prompts as T5 embeddings.",
-               has_kv_cache=True, accelerates=None, fixed={"model": "2b"})
-register_model("infinity_8b", build_infinity, _listed(INFINITY_MODELS["8b"][0]),
-               "Infinity-8B, 1024 px, 2x2 patchify VAE (arXiv:2412.04431). Weights: FoundationVision/Infinity "
-               "infinity_8b_weights/ (sharded; pass the folder) + infinity_vae_d56_f8_14_patchify.pth.",
-               has_kv_cache=True, accelerates=None, fixed={"model": "8b"})
-register_model("test_infinity", build_infinity, _listed(INFINITY_MODELS["test"][0]),
-               "Tiny random Infinity (depth 2, width 64, 16 bits, 256 px at pn 0.06M, 8 random prompts) for tests "
-               "and CPU smoke runs.", has_kv_cache=True, accelerates=None, fixed={"model": "test"})
+# accelerates="scale": the scale-step methods (variants/accel/) plan for these cells; `accel_family` narrows them to
+# the ones that run on Infinity (apply_acceleration refuses the others, naming those that run).
+_FACTORIES = [
+    register_model("infinity_2b", build_infinity, _listed(INFINITY_MODELS["2b"][0]),
+                   "Infinity-2B, bitwise next-scale text-to-image, 1024 px (arXiv:2412.04431). Weights: "
+                   "FoundationVision/Infinity infinity_2b_reg.pth + infinity_vae_d32reg.pth; prompts as T5 "
+                   "embeddings.", has_kv_cache=True, accelerates="scale", fixed={"model": "2b"}),
+    register_model("infinity_8b", build_infinity, _listed(INFINITY_MODELS["8b"][0]),
+                   "Infinity-8B, 1024 px, 2x2 patchify VAE (arXiv:2412.04431). Weights: FoundationVision/Infinity "
+                   "infinity_8b_weights/ (sharded; pass the folder) + infinity_vae_d56_f8_14_patchify.pth.",
+                   has_kv_cache=True, accelerates="scale", fixed={"model": "8b"}),
+    register_model("test_infinity", build_infinity, _listed(INFINITY_MODELS["test"][0]),
+                   "Tiny random Infinity (depth 2, width 64, 16 bits, 256 px at pn 0.06M, 8 random prompts) for "
+                   "tests and CPU smoke runs.", has_kv_cache=True, accelerates="scale", fixed={"model": "test"}),
+]
+for _factory in _FACTORIES:
+    _factory.accel_family = Infinity.accel_family  # type: ignore[attr-defined]

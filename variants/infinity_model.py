@@ -204,11 +204,24 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mod: Modulation, text_kv: tuple[Tensor, Tensor], text_mask: Tensor,
                 rope: tuple[Tensor, Tensor], bf16: bool, cache=None, layer: int = 0,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, plan=None) -> Tensor:
         g1, g2, s1, s2, b1, b2 = mod
-        x = x + self.sa(_layer_norm(x).mul(s1).add_(b1), rope, cache, layer, mask).float().mul_(g1)
-        x = x + self.ca(self.ca_norm(x), text_kv, text_mask, bf16).float()  # ca_gamma = 1
-        return x + self.ffn(_layer_norm(x).mul(s2).add_(b2)).float().mul(g2)
+        if plan is None or plan.sublayer is None:
+            x = x + self.sa(_layer_norm(x).mul(s1).add_(b1), rope, cache, layer, mask).float().mul_(g1)
+            x = x + self.ca(self.ca_norm(x), text_kv, text_mask, bf16).float()  # ca_gamma = 1
+            return x + self.ffn(_layer_norm(x).mul(s2).add_(b2)).float().mul(g2)
+
+        # An acceleration's BlockPlan (variants/var_model.py; FastVAR, StageVAR) computes each residual update on
+        # some tokens and restores the others; `plan.index` names the positions of the tokens given, so that
+        # they keep their own RoPE angles (as FastVAR's official Infinity code gathers them).
+        def sa(h: Tensor) -> Tensor:
+            idx = getattr(plan, "index", None)
+            r = rope if idx is None else (rope[0][idx].unsqueeze(1), rope[1][idx].unsqueeze(1))  # (rows, 1, l, c/2)
+            return self.sa(_layer_norm(h).mul(s1).add_(b1), r, cache, layer, mask).float().mul_(g1)
+
+        x = x + plan.sublayer(layer, "attn", x, sa)
+        x = x + plan.sublayer(layer, "ca", x, lambda h: self.ca(self.ca_norm(h), text_kv, text_mask, bf16).float())
+        return x + plan.sublayer(layer, "ffn", x, lambda h: self.ffn(_layer_norm(h).mul(s2).add_(b2)).float().mul(g2))
 
 
 class _Chunk(nn.Module):
@@ -285,11 +298,12 @@ class InfinityNet(nn.Module):
     # -- network ---------------------------------------------------------------------------------
     def run_blocks(self, x: Tensor, mods: Sequence[Modulation], text_kv: Sequence[tuple[Tensor, Tensor]],
                    text_mask: Tensor, rope: tuple[Tensor, Tensor], cache=None, mask: Tensor | None = None,
-                   mix: tuple[int, float] | None = None) -> Tensor:
+                   mix: tuple[int, float] | None = None, plan=None) -> Tensor:
         """`mix` = (block index, cfg): hidden-state guidance after that block, x = cfg·x[:B] + (1−cfg)·x[B:]
-        repeated over both halves (later blocks and caches see the mixed state)."""
+        repeated over both halves (later blocks and caches see the mixed state). `plan`: an acceleration's
+        BlockPlan (None: the plain network)."""
         for layer, block in enumerate(self.blocks):
-            x = block(x, mods[layer], text_kv[layer], text_mask, rope, self.xattn_bf16, cache, layer, mask)
+            x = block(x, mods[layer], text_kv[layer], text_mask, rope, self.xattn_bf16, cache, layer, mask, plan)
             if mix is not None and layer == mix[0]:
                 b = x.shape[0] // 2
                 x = mix[1] * x[:b] + (1 - mix[1]) * x[b:]

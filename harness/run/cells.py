@@ -74,11 +74,10 @@ def plan(study: StudyConfig) -> list[Cell]:
     """Every distinct cell of the study, in a stable order. A sweep axis that cannot change a cell (another
     variant's or policy's arguments) is left out of its point, so that cell is measured once, not per value;
     a variant without a KV cache (factory attribute `has_kv_cache = False`, e.g. HMAR) runs with the first
-    policy only; a variant runs only the accelerations of its family (factory attribute `accelerates`: VAR's
-    scale-step methods, the raster methods for LlamaGen, none for HMAR and Infinity) and "none"."""
+    policy only; a variant runs "none" and the accelerations that apply to it (`accel_runs_on`)."""
     import varbench.variants  # noqa: F401  (registers the built-in variants)
 
-    families = {a: accel_family(a) for a in study.accelerations}
+    methods = {a: ACCELERATIONS.get(a)() for a in study.accelerations}  # defaults: what each runs on
     cells, seen = [], set()
     for point in sweep_points(study):
         config = at_point(study, point)
@@ -86,8 +85,7 @@ def plan(study: StudyConfig) -> list[Cell]:
             factory = VARIANTS.get(variant) if variant in VARIANTS else None
             cached = getattr(factory, "has_kv_cache", True)
             policies = study.kv_policies if cached else study.kv_policies[:1]  # no cache: one policy
-            family = getattr(factory, "accelerates", "scale")
-            accelerations = [a for a in study.accelerations if a == "none" or families[a] == family]
+            accelerations = [a for a in study.accelerations if a == "none" or accel_runs_on(methods[a], factory)]
             for policy in policies:
                 for accel in accelerations:
                     own = {k: v for k, v in point.items() if _touches(k, variant, policy, accel)}
@@ -98,9 +96,14 @@ def plan(study: StudyConfig) -> list[Cell]:
     return cells
 
 
-def accel_family(name: str) -> str:
-    """The model family a registered acceleration applies to ("scale" or "raster"), read off its defaults."""
-    return getattr(ACCELERATIONS.get(name)(), "family", "scale")
+def accel_runs_on(method, factory) -> bool:
+    """Whether an acceleration applies to a registered variant, read off the factory before anything is built:
+    its kind (`accelerates`: "scale" steps for VAR, CoDe and Infinity, "raster" for LlamaGen, None for HMAR) is
+    the method's, and a scale method runs on the model's family (`accel_family`: "var" or "infinity")."""
+    kind = getattr(factory, "accelerates", "scale")
+    if kind is None or getattr(method, "family", "scale") != kind:
+        return False
+    return kind != "scale" or getattr(factory, "accel_family", "var") in getattr(method, "families", ("var",))
 
 
 def check_names(study: StudyConfig) -> None:

@@ -5,6 +5,8 @@ like a KV policy: it never owns a loop. Per step it answers, in a `StepPlan`:
   - `skip`: the step is skipped by every sample of the batch (no network call, nothing added to f_hat);
   - `rows`: which CFG rows run: "both" (guided), "cond" or "uncond" (one half, unguided);
   - `blocks`: a `BlockPlan` (variants/var_model.py) that computes some tokens only or changes the attention;
+    while its `sublayer` runs `fn` on a token subset, its `index` (rows, l) names their positions (Infinity's
+    attention rotates each by its own RoPE angles; None: every token in order);
   - `unguided`: samples whose guidance is off while others of the batch keep it (their unconditional logits
     are replaced by their conditional ones, so guidance leaves them unchanged up to rounding).
 After each draw, `after_commit` may decide later steps (SkipVAR) and `frozen_rows` names the samples that skip
@@ -24,7 +26,7 @@ from torch import Tensor
 from varbench.harness.core.kv_cache import CompressedKVCache, ConcatKVCache, StaticKVCache
 
 __all__ = ["Acceleration", "AccelState", "StepPlan", "ROWS", "narrow_cache", "rows_slice", "area_resize",
-           "check_fraction", "check_int"]
+           "check_fraction", "check_int", "family_of", "grid_of"]
 
 ROWS = ("both", "cond", "uncond")
 
@@ -74,14 +76,35 @@ class Acceleration:
     defaults: ClassVar[dict[str, Any]] = {}
     unverified: ClassVar[tuple[str, ...]] = ()
     static_shapes: ClassVar[bool] = False  # whether every step's shapes are fixed before the call (CUDA graphs)
+    # The model families it runs on (a model's `accel_family`, "var" when absent), and per family the defaults
+    # and unverified arguments that differ from VAR's (Infinity's are the official code's where it has some); an
+    # argument only a family's defaults name exists only there (FastVAR's `which_layers` on Infinity).
+    families: ClassVar[tuple[str, ...]] = ("var",)
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    family_unverified: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, **kwargs: Any):
-        unknown = sorted(set(kwargs) - set(self.defaults))
+        valid = set(self.defaults).union(*self.family_defaults.values())  # a family may add its own arguments
+        unknown = sorted(set(kwargs) - valid)
         if unknown:
             raise ValueError(f"acceleration {self.name!r} has no argument(s) {', '.join(map(repr, unknown))}; "
-                             f"valid: {', '.join(sorted(self.defaults)) or '(none)'}")
+                             f"valid: {', '.join(sorted(valid)) or '(none)'}")
         self.args: dict[str, Any] = {**self.defaults, **kwargs}
+        self.given = frozenset(kwargs)  # arguments the caller chose: a family's defaults never replace them
+        self.model_family = "var"  # the family bound last (`family` is the scale/raster kind)
         self.current: AccelState | None = None  # the latest call's state (a CoDe refiner joins the drafter's)
+        self.check()
+
+    def bind(self, variant) -> None:
+        """Takes the defaults of `variant`'s family for the arguments the caller did not give (apply_acceleration
+        calls it before `supports`); raises ValueError when the family is not one the method runs on."""
+        family = family_of(variant)
+        if family not in self.families:
+            raise ValueError(f"acceleration {self.name!r} runs on {', '.join(self.families)} models, not on "
+                             f"{family} ({getattr(variant, 'name', variant)!r})")
+        self.model_family = family
+        own = self.family_defaults.get(family, {})
+        self.args = {**self.defaults, **own, **{k: v for k, v in self.args.items() if k in self.given}}
         self.check()
 
     def check(self) -> None:
@@ -92,7 +115,8 @@ class Acceleration:
 
     def record(self) -> dict[str, Any]:
         """The fields a result record carries about the acceleration."""
-        return {"acceleration": self.name, "accel_args": dict(self.args), "accel_unverified": list(self.unverified)}
+        unverified = self.family_unverified.get(self.model_family, self.unverified)
+        return {"acceleration": self.name, "accel_args": dict(self.args), "accel_unverified": list(unverified)}
 
     def supports(self, variant) -> None:
         """Raises ValueError when the acceleration cannot run on `variant` (a VAR model)."""
@@ -107,6 +131,11 @@ class Acceleration:
         self.current = AccelState(len(labels))
         self.current.skipped = torch.zeros(len(labels), len(variant.patch_nums), dtype=torch.bool, device=labels.device)
         return self.current
+
+    def ragged_cache(self, variant) -> bool:
+        """Whether layers of one step may feed different token counts to the KV cache (FastVAR's unpruned
+        layers): a static cache has one write position per scale, so the model then concatenates instead."""
+        return False
 
     def plan(self, variant, state, step) -> StepPlan:
         """What the step computes; `state` is the model's VARState (its `accel` is the AccelState)."""
@@ -160,14 +189,26 @@ def check_int(name: str, arg: str, value: Any, minimum: int = 0) -> None:
         raise ValueError(f"acceleration {name!r}: {arg} must be an integer >= {minimum}, got {value!r}")
 
 
+def family_of(variant) -> str:
+    """The model family an acceleration reads its defaults for: "infinity" or "var" (VAR, CoDe's models)."""
+    return getattr(variant, "accel_family", "var")
+
+
+def grid_of(variant, si: int) -> tuple[int, int]:
+    """(h, w) token grid of scale si: Infinity's `schedule` may be non-square, VAR's scales are pn x pn."""
+    schedule = getattr(variant, "schedule", None)
+    return tuple(schedule[si]) if schedule is not None else (variant.patch_nums[si],) * 2
+
+
 def rows_slice(rows: str, batch: int) -> slice:
     """The (2B, ...) rows a CFG-row choice keeps: conditional rows come first."""
     return {"both": slice(0, 2 * batch), "cond": slice(0, batch), "uncond": slice(batch, 2 * batch)}[rows]
 
 
-def area_resize(tokens: Tensor, side: int) -> Tensor:
-    """(rows, pn², C) token map area-resized to (rows, side², C)."""
+def area_resize(tokens: Tensor, size: int | tuple[int, int], source: tuple[int, int] | None = None) -> Tensor:
+    """(rows, h·w, C) token map (square when `source` is None) area-resized to (rows, size², C) or size (h', w')."""
     rows, n, c = tokens.shape
-    pn = int(round(n ** 0.5))
-    grid = tokens.transpose(1, 2).reshape(rows, c, pn, pn)
-    return torch.nn.functional.interpolate(grid, size=(side, side), mode="area").flatten(2).transpose(1, 2)
+    h, w = source or (int(round(n ** 0.5)),) * 2
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    grid = tokens.transpose(1, 2).reshape(rows, c, h, w)
+    return torch.nn.functional.interpolate(grid, size=size, mode="area").flatten(2).transpose(1, 2)

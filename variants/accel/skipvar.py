@@ -13,8 +13,11 @@ the project's trainer on the same two features): a sample whose high frequencies
 `skip_threshold` at the decision step skips its last `skip_steps` steps; otherwise one whose high-frequency
 share is below `uncond_threshold` drops its unconditional branch in the last `uncond_steps` steps. Both
 thresholds and step counts, and the decision step for VAR's schedules (`decide_at`: three steps before the
-end, as on Infinity), are unverified. Decisions are per sample: a step runs while any sample needs it, and a
-sample that skipped it keeps its latent.
+end, as on Infinity), are unverified. On Infinity (infer4SkipVAR.py, `autoregressive_infer_cfg_SkipVAR`) the
+decision step, the probe (f̂ resized trilinearly to scale 4's 8x8 grid, `Infinity.probe_image`) and the FFT
+radius are the official ones; a skipped step is not run (`break`), an unconditional-dropped one runs the
+conditional rows only (`last_stage[:B]`), as here. Decisions are per sample: a step runs while any sample
+needs it, and a sample that skipped it keeps its latent.
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ class SkipVAR(Acceleration):
                                           "freq_ratio": 0.4}
     unverified: ClassVar[tuple[str, ...]] = ("decide_at", "skip_threshold", "skip_steps", "uncond_threshold",
                                              "uncond_steps")
+    families = ("var", "infinity")
+    # On Infinity the decision step (index 9 of 13 = -4), the 8x8 probe and freq_ratio 0.4 are the official code's;
+    # the rule's thresholds and step counts stand in for its learned deciders.
+    family_unverified: ClassVar[dict[str, tuple[str, ...]]] = {
+        "infinity": ("skip_threshold", "skip_steps", "uncond_threshold", "uncond_steps")}
 
     def check(self) -> None:
         if isinstance(self.args["decide_at"], bool) or not isinstance(self.args["decide_at"], int):
@@ -106,6 +114,8 @@ class SkipVAR(Acceleration):
 
     def _probe(self, variant, f_hat: Tensor) -> Tensor:
         side = min(self.args["probe_side"], variant.patch_nums[-1])
+        if hasattr(variant, "probe_image"):  # Infinity: its latent layout and the official trilinear resize
+            return variant.probe_image(f_hat, side)
         small = F.interpolate(f_hat, size=(side, side), mode="area")
         with variant._autocast():
             return variant.vae.decode(small.to(variant.vae.post_quant_conv.weight.dtype))

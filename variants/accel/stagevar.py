@@ -13,6 +13,11 @@ other token takes the update of the representative most similar to it (cosine) i
 projection of the sublayer's input to `proj_dim` dimensions. For VAR the late stage is the last `late_steps`
 scales (Infinity's refinement stage is its last three scales of 13): unverified. `branch` = "uncond" (the null
 class, as "CFG 0" in Infinity's convention) or "cond".
+
+On Infinity (`accel_family` "infinity"): the late stage is its last 3 scales (40, 48, 64 of the 1M schedule: the
+paper's Fig. 1 analysis has structure converging by scale 32), the late scales run the null-prompt branch (CFG
+0), and the representatives keep their own 2-D RoPE positions (the plan's `index`). No code or table giving the
+rank is public to us, so `late_steps`, `rank_ratio` and `proj_dim` stay unverified on Infinity too.
 """
 
 from __future__ import annotations
@@ -24,16 +29,21 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import Acceleration, StepPlan, check_fraction, check_int
+from .base import Acceleration, StepPlan, check_fraction, check_int, grid_of
 
 __all__ = ["StageVAR", "grid_representatives"]
 
 
-def grid_representatives(pn: int, ratio: float, device: torch.device) -> Tensor:
-    """Raster indices of a uniform side×side grid over a pn×pn map, side = round(pn·√ratio) (at least 1)."""
-    side = max(1, min(pn, round(pn * math.sqrt(ratio))))
-    centres = ((torch.arange(side, device=device) + 0.5) * pn / side).floor().long()
-    return (centres.view(-1, 1) * pn + centres.view(1, -1)).flatten()
+def grid_representatives(pn: int, ratio: float, device: torch.device, width: int | None = None) -> Tensor:
+    """Raster indices of a uniform grid over a pn×pn map (pn×width where given): per axis of n tokens,
+    round(n·√ratio) (at least 1) evenly spaced centres."""
+    width = width or pn
+
+    def centres(n: int) -> Tensor:
+        side = max(1, min(n, round(n * math.sqrt(ratio))))
+        return ((torch.arange(side, device=device) + 0.5) * n / side).floor().long()
+
+    return (centres(pn).view(-1, 1) * width + centres(width).view(1, -1)).flatten()
 
 
 class _LowRank:
@@ -43,12 +53,17 @@ class _LowRank:
 
     def __init__(self, reps: Tensor, projection: Tensor):
         self.reps, self.projection = reps, projection
+        self.index: Tensor | None = None  # positions of the tokens `fn` computes (Infinity's RoPE reads them)
 
     def sublayer(self, layer: int, kind: str, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
         z = torch.nn.functional.normalize(x.float() @ self.projection, dim=-1)  # (rows, n, k)
         nearest = (z @ z[:, self.reps].transpose(1, 2)).argmax(-1)  # (rows, n): index into reps
         nearest[:, self.reps] = torch.arange(len(self.reps), device=x.device)  # a representative keeps its own
-        update = fn(x[:, self.reps])
+        self.index = self.reps.expand(x.shape[0], -1)
+        try:
+            update = fn(x[:, self.reps])
+        finally:
+            self.index = None
         return update.gather(1, nearest.unsqueeze(-1).expand(-1, -1, update.shape[-1]))
 
 
@@ -57,6 +72,9 @@ class StageVAR(Acceleration):
     defaults: ClassVar[dict[str, Any]] = {"late_steps": 2, "branch": "uncond", "rank_ratio": 0.5,
                                           "proj_dim": 16, "seed": 0}
     unverified: ClassVar[tuple[str, ...]] = ("late_steps", "branch", "rank_ratio", "proj_dim")
+    families = ("var", "infinity")
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {"infinity": {"late_steps": 3}}
+    family_unverified: ClassVar[dict[str, tuple[str, ...]]] = {"infinity": ("late_steps", "rank_ratio", "proj_dim")}
 
     def check(self) -> None:
         check_int(self.name, "late_steps", self.args["late_steps"])
@@ -86,9 +104,9 @@ class StageVAR(Acceleration):
         if si < len(variant.patch_nums) - self.args["late_steps"]:
             return StepPlan()
         rows = self.args["branch"]
-        pn = variant.patch_nums[si]
-        reps = grid_representatives(pn, self.args["rank_ratio"], variant.device)
-        if len(reps) == pn * pn:
+        h, w = grid_of(variant, si)
+        reps = grid_representatives(h, self.args["rank_ratio"], variant.device, w)
+        if len(reps) == h * w:
             return StepPlan(rows=rows)
         acc.tokens_per_scale[si] = len(reps)
         return StepPlan(rows=rows, blocks=_LowRank(reps, self._projection(variant.cfg.width, variant.device)))
@@ -99,5 +117,6 @@ def stagevar(**kwargs: Any) -> StageVAR:
 
     Defaults for VAR (unverified, the paper's settings are Infinity's and STAR's): the last 2 scales run one CFG
     branch (the null class) on a grid of half their tokens, the others restored from the most similar
-    representative in a 16-d random projection. late_steps=0 disables it."""
+    representative in a 16-d random projection. On Infinity the late stage is its last 3 scales (the paper's
+    fidelity-refinement stage), the other defaults as VAR's, all unverified. late_steps=0 disables it."""
     return StageVAR(**kwargs)
